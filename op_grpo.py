@@ -1,0 +1,762 @@
+"""OP-GRPO: off-policy GRPO for flow-matching image generators, in one file.
+
+Papers
+  OP-GRPO   "Efficient Off-Policy GRPO for Flow-Matching Models", arXiv 2604.04142 (equation numbers below)
+  Flow-GRPO "Training Flow Matching Models via Online RL", arXiv 2505.05470 (the SDE sampler, the baseline)
+  DDPO      "Training Diffusion Models with Reinforcement Learning", arXiv 2305.13301 (RL on denoising chains)
+
+What it does
+  Every iteration samples groups of images per prompt with a stochastic (SDE) version of the flow sampler,
+  scores them with a reward, and takes PPO-style clipped policy-gradient steps on every denoising step
+  (Flow-GRPO). OP-GRPO adds a replay buffer of each prompt's best trajectory: a fraction of the groups
+  reuse one stored trajectory, its late steps cut off and regenerated, its surrogate loss multiplied by
+  a sequence-level importance weight.
+
+Commands
+  python op_grpo.py                                   # embedded tiny SD3 on the toy GenEval world, CPU, ~5 min
+  python op_grpo.py --off-policy-fraction 0           # the same run as plain on-policy Flow-GRPO
+  python -m pytest -q test_op_grpo.py                 # the tests
+
+Notation (code name = paper symbol)
+  B, P, G           samples in a batch, prompts per iteration, group size (images per prompt)
+  K                 denoising steps; step k moves latents[:, k] (sigma_k) to latents[:, k + 1] (sigma_{k+1})
+  k                 our step index, 0 = pure noise; the paper's t counts down: t = K - k
+  sigma, sigma_next noise levels sigma_k > sigma_{k+1}; x_sigma = (1 - sigma) x_0 + sigma eps
+  dt                sigma_next - sigma (< 0)
+  velocity          v_theta(x, sigma, c), the model output, approximately eps - x_0
+  noise_level       a, the SDE noise scale (Flow-GRPO); 0 gives the deterministic ODE (Euler) step
+  log_prob          log p_theta(x_{k+1} | x_k, c) of the current weights, averaged over latent dimensions
+  log_prob_old      log p_old: the same under the weights at the start of this iteration
+  log_prob_behavior log p_off: recorded when a replayed trajectory was sampled, stored in the buffer
+  ratio             r_k = p_theta / p_old, per step (Eq. 6)
+  is_weight         w = prod over kept steps of p_old / p_off (Eq. 10); 1 for fresh samples
+  keep              steps that enter the loss; a replayed trajectory drops its last `truncate_steps` (Eq. 12)
+  rho               --off-policy-fraction: share of the P prompt slots that reuse a stored trajectory
+"""
+
+import copy
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import tyro
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+import toy_world
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class Args:
+    """OP-GRPO fine-tuning of an SD3-family pipeline. Defaults: the embedded tiny model on a CPU, about 5 minutes."""
+
+    # --- model and reward
+    model: Literal["tiny", "sd3"] = "tiny"
+    """tiny: the embedded toy-world SD3 in tiny_sd3/ (CPU, offline); sd3: Stable Diffusion 3.5 Medium"""
+    reward: Literal["geneval", "jpeg"] = "geneval"
+    """geneval: the toy world's dense partial-credit score; jpeg: JPEG compressibility (DDPO)"""
+    output_dir: str = "runs/op_grpo"
+    """where metrics.jsonl, the before/after grid and the fine-tuned transformer are written"""
+    seed: int = 0
+    """seed for prompts, noise and the model's random state"""
+
+    # --- rollouts (Flow-GRPO Sec. 4: SDE sampling)
+    iterations: int = 60
+    """rollout-and-update iterations"""
+    prompts_per_iteration: int = 8
+    """P: prompt slots per iteration (fresh or replayed)"""
+    group_size: int = 8
+    """G: images per prompt; advantages are normalised within each group"""
+    num_steps: int = 10
+    """K: SDE denoising steps per trajectory (Flow-GRPO: 10 for training)"""
+    noise_level: float = 0.7
+    """a: SDE noise scale (Flow-GRPO: 0.7)"""
+    guidance_scale: float = 1.0
+    """classifier-free guidance; 1 disables it (the tiny model is trained and evaluated without it)"""
+
+    # --- the GRPO update (Eqs. 5-6)
+    learning_rate: float = 3e-4
+    """AdamW learning rate"""
+    updates_per_batch: int = 2
+    """optimizer steps per rollout batch (Flow-GRPO: 2); each uses 1/updates of the samples and all their kept steps"""
+    train_steps: int | None = None
+    """the loss uses the first train_steps of the K steps (Flow-GRPO's SD3.5 recipe: 9 of 10); None = all"""
+    clip_range: float = 2e-3
+    """PPO clip epsilon on the per-step ratio; on the scale of per-dimension-mean log-probs (Flow-GRPO SD3.5: 1e-4)"""
+    adv_clip: float = 5.0
+    """advantages are clipped to +-adv_clip (Flow-GRPO: 5)"""
+    kl_beta: float = 0.01
+    """beta of the KL penalty to the frozen initial model (Eq. 4); 0 disables it and its forward pass"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+
+    # --- OP-GRPO (Secs. 4.1-4.3)
+    off_policy_fraction: float = 0.25
+    """rho: fraction of prompt slots whose group is G-1 fresh images plus one replayed (paper: 0.05, 0.25); 0 = Flow-GRPO"""
+    buffer_capacity: int = 128
+    """replay buffer entries (one per prompt)"""
+    reward_decay: float = 0.005
+    """freshness: a stored reward counts as reward - reward_decay * age in iterations (paper: form not given)"""
+    correction: Literal["sequence", "none", "naive"] = "sequence"
+    """sequence: clip p_theta/p_old, times w = P_old/P_off (Eq. 10); none: w = 1 (ablation); naive: clip p_theta/p_off"""
+    truncate_steps: int = 3
+    """t_off: the last steps of a replayed trajectory dropped and regenerated by the current ODE (Eq. 12); 0 = off"""
+
+    # --- evaluation and logging
+    eval_every: int = 20
+    """evaluate every this many iterations (and before the first and after the last)"""
+    eval_per_family: int = 64
+    """evaluation images per prompt family and prompt set (held-out, train), fixed prompts and noise"""
+    eval_steps: int = 10
+    """ODE steps at evaluation"""
+    device: str | None = None
+    """torch device; None picks cuda when available"""
+    threads: int | None = None
+    """CPU threads for torch; None keeps torch's default"""
+
+
+# Numerical constants, named so that nothing hides in a literal.
+ADV_EPS = 1e-4  # added to the group std (Flow-GRPO uses 1e-4)
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def check_args(args: Args) -> None:
+    """Reject impossible settings before anything is loaded; each message names its flag."""
+    problems = []
+    if args.group_size < 2:
+        problems.append(f"--group-size must be at least 2 (advantages compare images within a group), got {args.group_size}")
+    if args.prompts_per_iteration < 1:
+        problems.append(f"--prompts-per-iteration must be at least 1, got {args.prompts_per_iteration}")
+    if not 0.0 <= args.off_policy_fraction < 1.0:
+        problems.append(f"--off-policy-fraction must be in [0, 1), got {args.off_policy_fraction}")
+    elif args.off_policy_fraction > 0 and replay_slots(args) == 0:
+        problems.append(
+            f"--off-policy-fraction {args.off_policy_fraction} of --prompts-per-iteration {args.prompts_per_iteration}"
+            " rounds to 0 replayed groups; raise one of them or use 0"
+        )
+    if args.num_steps < 2:
+        problems.append(f"--num-steps must be at least 2, got {args.num_steps}")
+    if not 0 <= args.truncate_steps < args.num_steps:
+        problems.append(f"--truncate-steps must be in [0, --num-steps={args.num_steps}), got {args.truncate_steps}")
+    if args.noise_level <= 0:
+        problems.append(f"--noise-level must be positive (0 is the deterministic ODE, which has no log-prob), got {args.noise_level}")
+    n_samples = args.prompts_per_iteration * args.group_size
+    if not 1 <= args.updates_per_batch <= n_samples:
+        problems.append(f"--updates-per-batch must be in [1, {n_samples}] (the samples per iteration), got {args.updates_per_batch}")
+    for flag in ("learning_rate", "clip_range", "adv_clip", "max_grad_norm"):
+        if getattr(args, flag) <= 0:
+            problems.append(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    for flag in ("kl_beta", "reward_decay"):
+        if getattr(args, flag) < 0:
+            problems.append(f"--{flag.replace('_', '-')} must be non-negative, got {getattr(args, flag)}")
+    for flag in ("iterations", "eval_every", "eval_per_family", "eval_steps", "buffer_capacity"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.guidance_scale < 1:
+        problems.append(f"--guidance-scale must be at least 1 (1 disables guidance), got {args.guidance_scale}")
+    if args.model == "sd3":
+        problems.append("--model sd3 is not available yet: this version trains the embedded tiny model (--model tiny)")
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+def replay_slots(args: Args) -> int:
+    """Prompt slots per iteration that reuse a stored trajectory: round(rho * P)."""
+    return round(args.off_policy_fraction * args.prompts_per_iteration)
+
+
+# =========================================================================================================
+# Pure math. Functions of tensors only; test_op_grpo.py checks each against an independent answer.
+# =========================================================================================================
+def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev_sample=None, generator=None):
+    """One step of Flow-GRPO's SDE sampler, and the Gaussian log-density of its result.
+
+    Two modes share one code path: with prev_sample=None a next latent is drawn (sampling); with a given
+    prev_sample its log-probability is computed under `velocity` (scoring stored data under other weights).
+    Arguments: velocity, sample (B, C, H, W); sigma, sigma_next: (B,) tensors or scalars.
+    Returns prev_sample (B, C, H, W), log_prob (B,), prev_sample_mean (B, C, H, W), std_dev (B, 1, 1, 1).
+    The math runs in float32 whatever the model's dtype. noise_level = 0 is the deterministic Euler step,
+    which has no density: its log_prob is NaN so that it cannot slip into a ratio unnoticed.
+    """
+    velocity, sample = velocity.float(), sample.float()
+    shape = (-1,) + (1,) * (sample.ndim - 1)  # broadcast per-sample scalars over C, H, W
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=sample.device).reshape(shape).expand(len(sample), *shape[1:])
+    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=sample.device).reshape(shape).expand_as(sigma)
+    dt = sigma_next - sigma  # (B, 1, 1, 1), negative: sampling walks from noise (1) to data (0)
+
+    # Flow-GRPO Eq. 9: s_sigma = a * sqrt(sigma / (1 - sigma)). At sigma = 1 (the first step) the ratio is
+    # infinite; like Flow-GRPO's code we put 1 - sigma_next in the denominator there, a finite large noise.
+    one_minus_sigma = torch.where(sigma >= 1.0, 1.0 - sigma_next, 1.0 - sigma)
+    noise_scale = noise_level * torch.sqrt(sigma / one_minus_sigma)
+
+    # mu = x + [v + s^2 / (2 sigma) * (x + (1 - sigma) v)] dt. The bracket's second term is -s^2/2 times
+    # the score, grad log p(x) = -(x + (1 - sigma) v) / sigma, which keeps the marginals of the ODE.
+    prev_sample_mean = sample + (velocity + noise_scale**2 / (2 * sigma) * (sample + (1 - sigma) * velocity)) * dt
+    # std of the transition: s_sigma * sqrt(|dt|)
+    std_dev = noise_scale * torch.sqrt(-dt)
+
+    if prev_sample is None:
+        noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
+        prev_sample = prev_sample_mean + std_dev * noise
+    prev_sample = prev_sample.detach().float()  # the sampled latent is data: no gradient flows through it
+
+    if noise_level == 0:
+        log_prob = torch.full((len(sample),), float("nan"), device=sample.device)
+    else:
+        # log N(x' | mu, std^2), averaged (not summed) over latent dimensions as Flow-GRPO does: per-step
+        # log-ratios stay O(1e-3) whatever the image size, which is the scale the clip range refers to.
+        log_density = -((prev_sample - prev_sample_mean) ** 2) / (2 * std_dev**2) - torch.log(std_dev) - LOG_SQRT_2PI
+        log_prob = log_density.mean(dim=tuple(range(1, sample.ndim)))
+    return prev_sample, log_prob, prev_sample_mean, std_dev
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = ADV_EPS) -> torch.Tensor:
+    """Eq. 5: A_i = (R_i - mean(R_group)) / (std(R_group) + eps), rewards (P, G) -> advantages (P, G).
+
+    The population std (ddof 0), as Flow-GRPO's numpy code. A group with equal rewards gets zero advantage.
+    """
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, keepdim=True, correction=0)
+    return (rewards - mean) / (std + eps)
+
+
+def sequence_is_weight(log_prob_old: torch.Tensor, log_prob_behavior: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Eq. 10: w = P_old(tau) / P_off(tau) = prod over kept steps k of p_old(x_{k+1}|x_k) / p_off(x_{k+1}|x_k).
+
+    (B, K) log-probs and a (B, K) bool mask -> (B,). Steps outside `keep` are ignored even if they hold NaN
+    (the regenerated tail has no behaviour log-prob). A constant: no gradient flows through it.
+    """
+    log_ratio = torch.where(keep, log_prob_old - log_prob_behavior, torch.zeros_like(log_prob_old))
+    return torch.exp(log_ratio.sum(dim=1)).detach()
+
+
+def kept_steps(num_steps: int, truncate_steps: int, replayed: torch.Tensor) -> torch.Tensor:
+    """Eq. 12: fresh trajectories keep all K steps; replayed ones keep steps k < K - truncate_steps.
+
+    replayed (B,) bool -> keep (B, K) bool.
+    """
+    step = torch.arange(num_steps, device=replayed.device)
+    return (step[None, :] < num_steps - truncate_steps) | ~replayed[:, None]
+
+
+def clipped_surrogate(log_prob, log_prob_old, advantages, clip_range):
+    """Eq. 6, per (sample, step): the PPO loss max(-A r, -A clip(r, 1 - eps, 1 + eps)) and the ratio r.
+
+    All arguments (N,) (clip_range a float). Minimising it is maximising min(r A, clip(r) A).
+    """
+    ratio = torch.exp(log_prob - log_prob_old)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped), ratio
+
+
+def gaussian_kl(mean, mean_ref, std_dev):
+    """Eq. 4's KL(p_theta || p_ref) per step for two Gaussians of equal std: |mu - mu_ref|^2 / (2 std^2).
+
+    (B, C, H, W) means, (B, 1, 1, 1) std -> (B,), averaged over dimensions like the log-probs. This is the
+    exact KL of the transition; Flow-GRPO's code divides by 2 s_sigma^2 instead (no |dt|), which is ours
+    times |dt|: with 10 steps our beta is worth about 10 of theirs.
+    """
+    return ((mean - mean_ref) ** 2 / (2 * std_dev**2)).mean(dim=tuple(range(1, mean.ndim)))
+
+
+# =========================================================================================================
+# The replay buffer of high-quality trajectories (Sec. 4.1, Eqs. 7-8)
+# =========================================================================================================
+class ReplayBuffer:
+    """At most one trajectory per prompt: the best seen, with its behaviour log-probs and reward.
+
+    Each entry keeps the whole latent trajectory (K + 1, C, H, W), the log-probs recorded when it was
+    sampled (K,) (never recomputed: they are p_off), its reward and the iteration it was stored at. Tensors
+    live on the CPU. Freshness (paper: no form given): a stored reward counts as reward - decay * age, a
+    subtraction that works for negative rewards too, so old entries become easy to replace.
+    """
+
+    def __init__(self, capacity: int, decay: float):
+        self.capacity, self.decay = capacity, decay
+        self.entries: dict[str, dict] = {}
+        self.clock = 0  # iterations seen; advanced once per iteration by `tick`
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def tick(self) -> None:
+        self.clock += 1
+
+    def decayed_reward(self, prompt: str) -> float:
+        entry = self.entries[prompt]
+        return entry["reward"] - self.decay * (self.clock - entry["born"])
+
+    def offer(self, prompt: str, latents: torch.Tensor, log_probs: torch.Tensor, reward: float) -> bool:
+        """Admission rule: replace the prompt's own entry if better, else fill, else evict the lowest."""
+        if prompt in self.entries:
+            if reward <= self.decayed_reward(prompt):
+                return False
+        elif len(self.entries) >= self.capacity:
+            lowest = min(self.entries, key=self.decayed_reward)
+            if reward <= self.decayed_reward(lowest):
+                return False
+            del self.entries[lowest]
+        self.entries[prompt] = {
+            "latents": latents.detach().cpu(),
+            "log_probs": log_probs.detach().cpu(),
+            "reward": float(reward),
+            "born": self.clock,
+        }
+        return True
+
+    def sample(self, n: int, rng: random.Random) -> list[str]:
+        """n distinct stored prompts, uniformly (paper: silent on how entries are drawn)."""
+        return rng.sample(sorted(self.entries), min(n, len(self.entries)))
+
+    def mean_age(self) -> float:
+        return float(np.mean([self.clock - e["born"] for e in self.entries.values()])) if self.entries else 0.0
+
+
+# =========================================================================================================
+# Rewards: images (PIL) and prompts -> rewards (B,)
+# =========================================================================================================
+def geneval_reward(images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+    """The toy world's dense score: the fraction of the prompt's requirements met (toy_world.requirements)."""
+    return torch.tensor([toy_world.score_prompt(p, im)[1] for im, p in zip(images, prompts)])
+
+
+def jpeg_reward(images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+    """DDPO's JPEG compressibility: minus the size in kB of the image saved as JPEG at quality 95."""
+    sizes = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000)
+    return -torch.tensor(sizes)
+
+
+REWARDS = {"geneval": geneval_reward, "jpeg": jpeg_reward}
+
+
+# =========================================================================================================
+# The model: loading, prompt embeddings, velocity with optional guidance, sampling, decoding
+# =========================================================================================================
+def load_pipeline(args: Args, device: torch.device):
+    """The embedded tiny SD3 pipeline, loaded the way an SD3.5 checkpoint is (stock from_pretrained)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = os.path.join(HERE, "tiny_sd3")
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        sys.exit(f"op_grpo.py: error: the embedded model is missing from {folder}; rebuild it with `python toy_world.py`")
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def embed_prompts(pipe, prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Text embeddings of every prompt, computed once: prompt -> (embeds (L, D), pooled (D',)). '' is the
+    unconditional prompt used by guidance."""
+    table = {}
+    for start in range(0, len(prompts), 64):
+        chunk = prompts[start : start + 64]
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            chunk, None, None, do_classifier_free_guidance=False, max_sequence_length=toy_world.T5_TOKENS
+        )
+        table.update({p: (e, q) for p, e, q in zip(chunk, embeds, pooled)})
+    return table
+
+
+def predict_velocity(transformer, x, sigma, embeds, pooled, guidance_scale, uncond=None):
+    """v_theta(x, sigma, c), (B, C, H, W). With guidance > 1, one batched pass over conditional and
+    unconditional inputs, v = v_u + g (v_c - v_u); uncond = (embeds, pooled) of the empty prompt."""
+    timestep = torch.as_tensor(sigma * 1000.0, device=x.device, dtype=torch.float32).expand(len(x))
+    x = x.to(transformer.dtype)
+    if guidance_scale == 1.0:
+        return transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled).sample
+    u_embeds, u_pooled = (t.expand(len(x), *t.shape) for t in uncond)
+    v = transformer(
+        hidden_states=torch.cat([x, x]), timestep=torch.cat([timestep, timestep]),
+        encoder_hidden_states=torch.cat([u_embeds, embeds]), pooled_projections=torch.cat([u_pooled, pooled]),
+    ).sample
+    v_uncond, v_cond = v.chunk(2)
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+@torch.no_grad()
+def sample_trajectories(transformer, start, sigmas, first_step, embeds, pooled, noise_level, guidance_scale, uncond, generator):
+    """Run the sampler from latents `start` at sigmas[first_step] to sigma = 0.
+
+    Returns latents (B, K - first_step + 1, C, H, W) including `start`, and log_probs (B, K - first_step)
+    (NaN for the ODE, noise_level 0). first_step > 0 regenerates the tail of a truncated trajectory.
+    """
+    latents, log_probs = [start.float()], []
+    x = start
+    for k in range(first_step, len(sigmas) - 1):
+        v = predict_velocity(transformer, x, sigmas[k], embeds, pooled, guidance_scale, uncond)
+        x, log_prob, _, _ = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], noise_level, generator=generator)
+        latents.append(x)
+        log_probs.append(log_prob)
+    return torch.stack(latents, dim=1), torch.stack(log_probs, dim=1)
+
+
+@torch.no_grad()
+def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """Final latents (B, C, H, W) -> PIL images through the VAE, undoing the latent shift and scale."""
+    config = pipe.vae.config
+    pixels = pipe.vae.decode(latents.to(pipe.vae.dtype) / config.scaling_factor + config.shift_factor).sample
+    return pipe.image_processor.postprocess(pixels, output_type="pil")
+
+
+def noise_schedule(pipe, num_steps: int, device) -> torch.Tensor:
+    """The scheduler's sigmas (K + 1,), from 1 down to 0, with its shift applied (as the stock pipeline)."""
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(num_steps, device=device)
+    return scheduler.sigmas.float()
+
+
+# =========================================================================================================
+# Evaluation: strict toy-GenEval accuracy with the ODE sampler, fixed prompts and noise
+# =========================================================================================================
+def eval_prompts(per_family: int, seed: int = 1234) -> dict[str, list[str]]:
+    """The fixed evaluation prompts: per_family prompts per family, for the held-out and training sets."""
+    train, held_out = toy_world.split_specs()
+    rng = random.Random(seed)
+    sets = {}
+    for name, specs in (("held_out", held_out), ("train", train)):
+        sets[name] = []
+        for family in toy_world.FAMILIES:
+            pool = [s for s in specs if s.family == family]
+            sets[name] += [toy_world.describe(rng.choice(pool)) for _ in range(per_family if pool else 0)]
+    return sets
+
+
+def mix_mean_and_se(per_family: dict[str, list[float]]) -> tuple[float, float]:
+    """EVAL_MIX-weighted mean of per-image scores over families, and its standard error (families as strata)."""
+    weights = {f: toy_world.EVAL_MIX[f] for f in per_family}
+    total = sum(weights.values())
+    mean = sum(w * np.mean(per_family[f]) for f, w in weights.items()) / total
+    var = sum(w**2 * np.var(per_family[f]) / len(per_family[f]) for f, w in weights.items()) / total**2
+    return float(mean), math.sqrt(var)
+
+
+@torch.no_grad()
+def evaluate(pipe, transformer, table, sets, args, sigmas, device):
+    """Strict toy-GenEval accuracy of ODE samples, per set and family, with fixed prompts and noise.
+
+    eval_reward is the EVAL_MIX-weighted strict accuracy averaged over the two sets and eval_se its
+    standard error. Also returns the images (for grids) and the per-image strict outcomes, so that a
+    later evaluation can be compared image by image (a paired difference has a much smaller error).
+    """
+    metrics, images_by_set, outcomes = {}, {}, {}
+    for name, prompts in sets.items():
+        generator = torch.Generator(device).manual_seed(args.seed + 99)  # the same noise at every evaluation
+        images = []
+        for start in range(0, len(prompts), 64):
+            chunk = prompts[start : start + 64]
+            embeds = torch.stack([table[p][0] for p in chunk])
+            pooled = torch.stack([table[p][1] for p in chunk])
+            noise = torch.randn((len(chunk), *LATENT_SHAPE), generator=generator, device=device)
+            latents, _ = sample_trajectories(transformer, noise, sigmas, 0, embeds, pooled, 0.0, args.guidance_scale, table[""], generator)
+            images += decode(pipe, latents[:, -1])
+        images_by_set[name] = images
+        strict, dense = {}, {}
+        for prompt, image in zip(prompts, images):
+            family = toy_world.SPEC_BY_PROMPT[prompt].family
+            s, d = toy_world.score_prompt(prompt, image)
+            strict.setdefault(family, []).append(s)
+            dense.setdefault(family, []).append(d)
+        outcomes[name] = strict
+        metrics.update({f"eval/{name}/{family}": float(np.mean(v)) for family, v in strict.items()})
+        metrics[f"eval/{name}"], metrics[f"eval/{name}/se"] = mix_mean_and_se(strict)
+        metrics[f"eval/{name}/dense"] = mix_mean_and_se(dense)[0]
+    metrics["eval_reward"] = (metrics["eval/held_out"] + metrics["eval/train"]) / 2
+    metrics["eval_se"] = math.sqrt(metrics["eval/held_out/se"] ** 2 + metrics["eval/train/se"] ** 2) / 2
+    return metrics, images_by_set, outcomes
+
+
+def paired_change(before: dict, after: dict) -> tuple[float, float]:
+    """Change of eval_reward between two evaluations on the same prompts and noise, with its paired
+    standard error (from per-image differences, so the shared difficulty of each image cancels)."""
+    stats = [
+        mix_mean_and_se({f: np.subtract(after[name][f], before[name][f]) for f in before[name]}) for name in before
+    ]
+    return sum(m for m, _ in stats) / len(stats), math.sqrt(sum(se**2 for _, se in stats)) / len(stats)
+
+
+def before_after_grid(prompts, before, after, path, columns=8):
+    """Rows of `columns` samples: before on top of after, the prompt and both strict scores underneath."""
+    zoom, cell_w = 4, 150
+    side = before[0].width * zoom
+    cell_h = 2 * side + 40
+    picks = np.linspace(0, len(prompts) - 1, columns * 2).round().astype(int)
+    grid = Image.new("RGB", (cell_w * columns, cell_h * 2), "white")
+    draw = ImageDraw.Draw(grid)
+    for n, i in enumerate(picks):
+        x, y = (n % columns) * cell_w, (n // columns) * cell_h
+        for row, image in enumerate((before[i], after[i])):
+            grid.paste(image.resize((side, side), Image.NEAREST), (x + (cell_w - side) // 2, y + row * side))
+        s0, s1 = toy_world.score_prompt(prompts[i], before[i])[0], toy_world.score_prompt(prompts[i], after[i])[0]
+        words = prompts[i].split()
+        draw.text((x + 3, y + 2 * side + 2), " ".join(words[:4]), fill="black")
+        draw.text((x + 3, y + 2 * side + 13), " ".join(words[4:]), fill="black")
+        draw.text((x + 3, y + 2 * side + 25), f"before {s0:.0f}  after {s1:.0f}", fill="black")
+    grid.save(path)
+
+
+LATENT_SHAPE = (4, toy_world.IMAGE_SIZE // 4, toy_world.IMAGE_SIZE // 4)  # (C, H, W) of the tiny model
+
+
+# =========================================================================================================
+# Training
+# =========================================================================================================
+def main(args: Args) -> list[dict]:
+    # ---- 0. Arguments, seeds, batch arithmetic: everything that can be wrong is caught before loading
+    check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rng = random.Random(args.seed)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    P, G, K = args.prompts_per_iteration, args.group_size, args.num_steps
+    n_replay = replay_slots(args)
+    B = P * G
+    print(
+        f"batch: {P} prompts x {G} images = {B} trajectories of {K} steps per iteration; "
+        f"{n_replay} replayed groups ({G - 1} fresh + 1 stored, last {args.truncate_steps} steps regenerated) "
+        f"-> {B - n_replay} fresh samples; {args.updates_per_batch} updates of {B // args.updates_per_batch} samples"
+    )
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    # ---- 1. Model, reference copy, prompts and their embeddings (the text encoders are then released)
+    pipe = load_pipeline(args, device)
+    transformer = pipe.transformer
+    transformer.requires_grad_(True)
+    reference = copy.deepcopy(transformer).requires_grad_(False) if args.kl_beta > 0 else None
+    train_specs, _ = toy_world.split_specs()
+    sets = eval_prompts(args.eval_per_family)
+    all_prompts = sorted({toy_world.describe(s) for s in train_specs} | {p for v in sets.values() for p in v} | {""})
+    table = {p: tuple(t.to(device) for t in e) for p, e in embed_prompts(pipe, all_prompts).items()}
+    pipe.text_encoder, pipe.text_encoder_2 = None, None  # embeddings are cached; the encoders are not needed again
+    reward_fn = REWARDS[args.reward]
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    sigmas = noise_schedule(pipe, K, device)
+    eval_sigmas = noise_schedule(pipe, args.eval_steps, device)
+    buffer = ReplayBuffer(args.buffer_capacity, args.reward_decay)
+    uncond = table[""]
+
+    def embeds_of(prompts):
+        return torch.stack([table[p][0] for p in prompts]), torch.stack([table[p][1] for p in prompts])
+
+    # ---- 2. Evaluation before any update
+    transformer.eval()
+    metrics_before, images_before, outcomes_before = evaluate(pipe, transformer, table, sets, args, eval_sigmas, device)
+    print(f"before: eval_reward {metrics_before['eval_reward']:.3f} +- {metrics_before['eval_se']:.3f} "
+          f"(held-out {metrics_before['eval/held_out']:.3f}, train {metrics_before['eval/train']:.3f})")
+    history = []
+    log_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
+
+    progress = tqdm(range(args.iterations), desc="OP-GRPO", dynamic_ncols=True)
+    for iteration in progress:
+        timings = {}
+        clock = time.perf_counter()
+
+        # ---- 3. Prompt slots: P - n_replay fresh prompts, n_replay stored prompts (fresh while the buffer is short)
+        replay_prompts = buffer.sample(n_replay, rng) if n_replay else []
+        fresh_specs = toy_world.sample_specs(train_specs, toy_world.EVAL_MIX, P - len(replay_prompts), rng)
+        slot_prompts = replay_prompts + [toy_world.describe(s) for s in fresh_specs]  # (P,), replayed slots first
+        n_rep = len(replay_prompts)
+        # fresh trajectories: G - 1 for each replayed slot, G for each fresh slot
+        fresh_prompts = [p for i, p in enumerate(slot_prompts) for _ in range(G - 1 if i < n_rep else G)]
+
+        # ---- 4. Rollouts with the SDE sampler; behaviour log-probs recorded as we go (these are p_old)
+        embeds, pooled = embeds_of(fresh_prompts)
+        noise = torch.randn((len(fresh_prompts), *LATENT_SHAPE), generator=generator, device=device)
+        fresh_latents, fresh_log_probs = sample_trajectories(
+            transformer, noise, sigmas, 0, embeds, pooled, args.noise_level, args.guidance_scale, uncond, generator
+        )  # (B_f, K + 1, C, H, W), (B_f, K)
+        fresh_images = decode(pipe, fresh_latents[:, -1])
+        timings["time/sampling"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        fresh_rewards = reward_fn(fresh_images, fresh_prompts).float()
+        timings["time/reward"] = time.perf_counter() - clock
+
+        # ---- 5. Replayed trajectories: p_old on the kept stored steps, the tail regenerated by the current ODE
+        clock = time.perf_counter()
+        K_keep = K - args.truncate_steps
+        if n_rep:
+            rep_latents = torch.stack([buffer.entries[p]["latents"] for p in replay_prompts]).to(device)
+            rep_behavior = torch.stack([buffer.entries[p]["log_probs"] for p in replay_prompts]).to(device)
+            rep_embeds, rep_pooled = embeds_of(replay_prompts)
+            rep_old = torch.full_like(rep_behavior, float("nan"))
+            with torch.no_grad():
+                for k in range(K_keep):  # one forward pass of the current model per kept step
+                    v = predict_velocity(transformer, rep_latents[:, k], sigmas[k], rep_embeds, rep_pooled, args.guidance_scale, uncond)
+                    _, rep_old[:, k], _, _ = sde_step_with_logprob(
+                        v, rep_latents[:, k], sigmas[k], sigmas[k + 1], args.noise_level, prev_sample=rep_latents[:, k + 1]
+                    )
+            timings["time/replay_old"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            if args.truncate_steps:
+                # Eq. 12-13: z_{t_off} kept, the rest regenerated deterministically; the new image is re-scored
+                # (paper: silent on re-scoring; we do, so that the reward belongs to the trajectory trained on)
+                tail, _ = sample_trajectories(
+                    transformer, rep_latents[:, K_keep], sigmas, K_keep, rep_embeds, rep_pooled, 0.0, args.guidance_scale, uncond, generator
+                )
+                rep_latents = torch.cat([rep_latents[:, :K_keep], tail], dim=1)
+                rep_rewards = reward_fn(decode(pipe, rep_latents[:, -1]), replay_prompts).float()
+            else:
+                rep_rewards = torch.tensor([buffer.entries[p]["reward"] for p in replay_prompts])
+            timings["time/tail"] = time.perf_counter() - clock
+
+        # ---- 6. Assemble the batch: group g is slot g; in a replayed slot the stored trajectory is member 0
+        latents_list, lp_old_list, lp_beh_list, rew_list, replayed_list, prompts = [], [], [], [], [], []
+        cursor = 0
+        for slot, prompt in enumerate(slot_prompts):
+            n_fresh = G - 1 if slot < n_rep else G
+            if slot < n_rep:
+                latents_list.append(rep_latents[slot : slot + 1])
+                lp_old_list.append(rep_old[slot : slot + 1])
+                lp_beh_list.append(rep_behavior[slot : slot + 1])
+                rew_list.append(rep_rewards[slot : slot + 1])
+                replayed_list.append(torch.ones(1, dtype=torch.bool))
+            latents_list.append(fresh_latents[cursor : cursor + n_fresh])
+            lp_old_list.append(fresh_log_probs[cursor : cursor + n_fresh])
+            lp_beh_list.append(fresh_log_probs[cursor : cursor + n_fresh])
+            rew_list.append(fresh_rewards[cursor : cursor + n_fresh])
+            replayed_list.append(torch.zeros(n_fresh, dtype=torch.bool))
+            prompts += [prompt] * G
+            cursor += n_fresh
+        latents = torch.cat(latents_list)  # (B, K + 1, C, H, W)
+        log_prob_old = torch.cat(lp_old_list)  # (B, K)
+        log_prob_behavior = torch.cat(lp_beh_list)  # (B, K)
+        rewards = torch.cat(rew_list).to(device)  # (B,)
+        replayed = torch.cat(replayed_list).to(device)  # (B,)
+        keep = kept_steps(K, args.truncate_steps, replayed)  # (B, K)
+        if args.correction == "sequence":
+            is_weight = sequence_is_weight(log_prob_old, log_prob_behavior, keep)  # (B,), exactly 1 where fresh
+        else:
+            is_weight = torch.ones(B, device=device)
+        if args.correction == "naive":
+            log_prob_old = torch.where(replayed[:, None], log_prob_behavior, log_prob_old)  # clip against p_off
+        advantages = group_advantages(rewards.view(P, G)).view(B).clamp(-args.adv_clip, args.adv_clip)
+        embeds, pooled = embeds_of(prompts)
+        trained = keep & (torch.arange(K, device=device) < (args.train_steps or K))  # (B, K): steps in the loss
+
+        # ---- 7. Buffer admission (Eq. 7): each group's best fresh trajectory is the candidate
+        buffer.tick()
+        admitted = 0
+        for slot in range(P):
+            members = torch.arange(slot * G, (slot + 1) * G, device=device)
+            fresh = members[~replayed[members]]
+            best = fresh[rewards[fresh].argmax()]
+            admitted += buffer.offer(slot_prompts[slot], latents[best], log_prob_behavior[best], rewards[best].item())
+
+        # ---- 8. Policy update: updates_per_batch optimizer steps, each over a random 1/updates of the samples
+        clock = time.perf_counter()
+        transformer.train()
+        stats = {"loss": [], "clipfrac_on": [], "clipfrac_off": [], "approx_kl": [], "kl": [], "ratio": []}
+        for minibatch in torch.randperm(B, generator=generator, device=device).chunk(args.updates_per_batch):
+            n_terms = trained[minibatch].sum()  # the loss averages over trained (sample, step) pairs
+            optimizer.zero_grad(set_to_none=True)
+            for k in range(K):
+                idx = minibatch[trained[minibatch, k]]
+                if len(idx) == 0:
+                    continue
+                v = predict_velocity(transformer, latents[idx, k], sigmas[k], embeds[idx], pooled[idx], args.guidance_scale, uncond)
+                _, log_prob, mean, std_dev = sde_step_with_logprob(
+                    v, latents[idx, k], sigmas[k], sigmas[k + 1], args.noise_level, prev_sample=latents[idx, k + 1]
+                )
+                surrogate, ratio = clipped_surrogate(log_prob, log_prob_old[idx, k], advantages[idx], args.clip_range)
+                # Eq. 11: the whole clipped surrogate of a replayed trajectory is scaled by its constant weight w
+                loss = (is_weight[idx] * surrogate).sum()
+                if reference is not None:
+                    with torch.no_grad():
+                        v_ref = predict_velocity(reference, latents[idx, k], sigmas[k], embeds[idx], pooled[idx], args.guidance_scale, uncond)
+                        _, _, mean_ref, _ = sde_step_with_logprob(
+                            v_ref, latents[idx, k], sigmas[k], sigmas[k + 1], args.noise_level, prev_sample=latents[idx, k + 1]
+                        )
+                    kl = gaussian_kl(mean, mean_ref, std_dev)
+                    loss = loss + args.kl_beta * kl.sum()
+                    stats["kl"].append(kl.mean().item())
+                (loss / n_terms).backward()
+                with torch.no_grad():
+                    clipped = ((ratio - 1).abs() > args.clip_range).float()
+                    rep = replayed[idx]
+                    if (~rep).any():
+                        stats["clipfrac_on"].append(clipped[~rep].mean().item())
+                    if rep.any():
+                        stats["clipfrac_off"].append(clipped[rep].mean().item())
+                    # CleanRL's approx_kl: mean of (r - 1) - log r, a low-variance estimate of KL(old || new)
+                    stats["approx_kl"].append(((ratio - 1) - torch.log(ratio)).mean().item())
+                    stats["ratio"].append(ratio.mean().item())
+                    stats["loss"].append(loss.item() / n_terms.item())
+            torch.nn.utils.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
+            optimizer.step()
+        transformer.eval()
+        timings["time/update"] = time.perf_counter() - clock
+
+        # ---- 9. Log; evaluate every eval_every iterations and after the last
+        row = {
+            "iteration": iteration,
+            "reward_mean": fresh_rewards.mean().item(),
+            "reward_std": fresh_rewards.std().item(),
+            "loss": float(np.sum(stats["loss"])) / args.updates_per_batch,
+            "clipfrac_on_policy": float(np.mean(stats["clipfrac_on"])) if stats["clipfrac_on"] else None,
+            "clipfrac_off_policy": float(np.mean(stats["clipfrac_off"])) if stats["clipfrac_off"] else None,
+            "approx_kl": float(np.mean(stats["approx_kl"])),
+            "kl_to_reference": float(np.mean(stats["kl"])) if stats["kl"] else None,
+            "replayed_groups": n_rep,
+            "buffer_size": len(buffer),
+            "buffer_mean_age": buffer.mean_age(),
+            "buffer_admitted": admitted,
+            **timings,
+        }
+        if n_rep:
+            w = is_weight[replayed]
+            row.update({"is_weight_mean": w.mean().item(), "is_weight_min": w.min().item(), "is_weight_max": w.max().item(),
+                        "replay_reward_mean": rep_rewards.mean().item()})
+            # the late-step "cliff" (paper Fig. 2): per-step mean of log p_old - log p_off on replayed data
+            row["log_ratio_old_behavior_per_step"] = (rep_old - rep_behavior).mean(0).tolist()
+        if (iteration + 1) % args.eval_every == 0 or iteration == args.iterations - 1:
+            clock = time.perf_counter()
+            eval_metrics, images_after, outcomes_after = evaluate(pipe, transformer, table, sets, args, eval_sigmas, device)
+            row.update(eval_metrics)
+            row["eval_change"], row["eval_change_se"] = paired_change(outcomes_before, outcomes_after)
+            row["time/eval"] = time.perf_counter() - clock
+        elif iteration == 0:
+            row.update(metrics_before)  # the evaluation before the first update, logged with iteration 0
+        history.append(row)
+        log_file.write(json.dumps(row) + "\n")
+        log_file.flush()
+        progress.set_postfix(reward=f"{row['reward_mean']:.3f}", eval=f"{history[-1].get('eval_reward', float('nan')):.3f}")
+    log_file.close()
+
+    # ---- 10. Results: before/after scores per set and family, a sample grid, the fine-tuned transformer
+    final = history[-1]
+    print(f"after:  eval_reward {final['eval_reward']:.3f} +- {final['eval_se']:.3f} "
+          f"(held-out {final['eval/held_out']:.3f}, train {final['eval/train']:.3f}); "
+          f"change {final['eval_change']:+.3f} +- {final['eval_change_se']:.3f} (paired standard error)")
+    for key in sorted(k for k in final if k.startswith("eval/") and k.count("/") == 2 and not k.endswith(("/se", "/dense"))):
+        print(f"  {key:28s} {metrics_before[key]:.3f} -> {final[key]:.3f}")
+    before_after_grid(sets["held_out"], images_before["held_out"], images_after["held_out"], os.path.join(args.output_dir, "before_after.png"))
+    transformer.save_pretrained(os.path.join(args.output_dir, "transformer"))
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    return history
+
+
+if __name__ == "__main__":
+    cli_args = tyro.cli(Args)
+    try:
+        check_args(cli_args)
+    except ValueError as error:
+        sys.exit(f"op_grpo.py: error: {error}")
+    main(cli_args)

@@ -1,0 +1,409 @@
+"""Tests of op_grpo.py and toy_world.py: the ratio math against closed forms first, then the pieces, then
+short runs of the whole job. Run with `python -m pytest -q test_op_grpo.py`."""
+
+import json
+import math
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import tyro
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+import op_grpo
+import toy_world
+from op_grpo import (
+    Args,
+    ReplayBuffer,
+    check_args,
+    clipped_surrogate,
+    gaussian_kl,
+    group_advantages,
+    kept_steps,
+    sde_step_with_logprob,
+    sequence_is_weight,
+)
+
+torch.set_num_threads(2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A Gaussian toy flow: data x_0 ~ N(m, s0^2) per dimension, x_sigma = (1 - sigma) x_0 + sigma eps. Every
+# quantity has a closed form: the marginal N((1 - sigma) m, (1 - sigma)^2 s0^2 + sigma^2), the exact
+# velocity E[eps - x_0 | x_sigma] and the score of the marginal.
+# ---------------------------------------------------------------------------------------------------------
+M, S0 = 1.5, 0.5
+
+
+def marginal(sigma):
+    return (1 - sigma) * M, (1 - sigma) ** 2 * S0**2 + sigma**2  # mean, variance
+
+
+def exact_velocity(x, sigma):
+    mean, var = marginal(sigma)
+    centred = x - mean
+    e_x0 = M + (1 - sigma) * S0**2 / var * centred  # E[x_0 | x_sigma = x]
+    e_eps = sigma / var * centred  # E[eps | x_sigma = x]
+    return e_eps - e_x0
+
+
+def exact_score(x, sigma):
+    mean, var = marginal(sigma)
+    return -(x - mean) / var
+
+
+def test_ode_step_equals_diffusers_euler_step():
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(10)
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for i, t in enumerate(scheduler.timesteps):
+        v = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
+        expected = scheduler.step(v, t, x).prev_sample
+        ours, log_prob, mean, std = sde_step_with_logprob(v, x, scheduler.sigmas[i], scheduler.sigmas[i + 1], 0.0)
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(mean, expected, rtol=0, atol=1e-6)
+        assert torch.all(std == 0) and torch.isnan(log_prob).all()  # the ODE has no density, loudly
+        x = expected
+
+
+def test_log_prob_is_the_gaussian_density_averaged_over_dimensions():
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 4, 8, 8, generator=g)
+    sigma, sigma_next = torch.tensor([0.9, 0.7, 0.5, 0.3, 0.1]), torch.tensor([0.8, 0.6, 0.4, 0.2, 0.0])
+    prev, log_prob, mean, std = sde_step_with_logprob(v, x, sigma, sigma_next, 0.7, generator=g)
+    # mean and std written out independently, per sample, from Flow-GRPO's formulas
+    for i in range(5):
+        s, dt = 0.7 * math.sqrt(sigma[i] / (1 - sigma[i])), (sigma_next[i] - sigma[i]).item()
+        mu = x[i] + (v[i] + s**2 / (2 * sigma[i]) * (x[i] + (1 - sigma[i]) * v[i])) * dt
+        std_i = s * math.sqrt(-dt)
+        torch.testing.assert_close(mean[i], mu)
+        assert abs(std[i].item() - std_i) < 1e-6
+        expected = torch.distributions.Normal(mu, std_i).log_prob(prev[i]).mean()
+        torch.testing.assert_close(log_prob[i], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_and_scoring_modes_agree_and_per_sample_sigmas_match_scalars():
+    g = torch.Generator().manual_seed(2)
+    x, v = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    sigmas, sigmas_next = torch.tensor([1.0, 0.8, 0.5, 0.2]), torch.tensor([0.9, 0.6, 0.3, 0.0])
+    prev, log_prob, _, _ = sde_step_with_logprob(v, x, sigmas, sigmas_next, 0.7, generator=g)
+    _, rescored, _, _ = sde_step_with_logprob(v, x, sigmas, sigmas_next, 0.7, prev_sample=prev)
+    assert torch.equal(log_prob, rescored)  # same code path: the on-policy ratio is exactly 1
+    assert torch.equal(torch.exp(rescored - log_prob), torch.ones(4))
+    for i in range(4):
+        _, lp_i, _, _ = sde_step_with_logprob(v[i : i + 1], x[i : i + 1], sigmas[i].item(), sigmas_next[i].item(), 0.7, prev_sample=prev[i : i + 1])
+        torch.testing.assert_close(lp_i[0], log_prob[i])
+
+
+def test_sigma_one_uses_next_sigma_in_the_denominator():
+    x, v = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    _, log_prob, mean, std = sde_step_with_logprob(v, x, 1.0, 0.9, 0.7, generator=torch.Generator().manual_seed(0))
+    s = 0.7 * math.sqrt(1.0 / (1 - 0.9))
+    assert torch.allclose(std, torch.full_like(std, s * math.sqrt(0.1)))
+    assert torch.isfinite(log_prob).all() and torch.isfinite(mean).all()
+
+
+def test_drift_uses_the_exact_score_of_the_marginal():
+    """mu = x + [v - s^2/2 * score] dt with the closed-form score: the score identity in the drift."""
+    x = torch.linspace(-3, 3, 64).reshape(1, 1, 8, 8)
+    for sigma, sigma_next in [(0.9, 0.8), (0.5, 0.45), (0.1, 0.05)]:
+        v = exact_velocity(x, sigma)
+        _, _, mean, _ = sde_step_with_logprob(v, x, sigma, sigma_next, 0.7, prev_sample=x)
+        s2 = 0.49 * sigma / (1 - sigma)
+        expected = x + (v - s2 / 2 * exact_score(x, sigma)) * (sigma_next - sigma)
+        torch.testing.assert_close(mean, expected, rtol=1e-5, atol=1e-5)
+
+
+def run_toy_sde(num_steps, noise_level, start_sigma=0.95, n=200_000, seed=0):
+    """Sample the toy flow from its exact marginal at start_sigma down to 0 with the SDE step."""
+    g = torch.Generator().manual_seed(seed)
+    sigmas = torch.linspace(start_sigma, 0.0, num_steps + 1)
+    mean, var = marginal(start_sigma)
+    x = mean + math.sqrt(var) * torch.randn(n, 1, 1, 1, generator=g)
+    for k in range(num_steps):
+        x, _, _, _ = sde_step_with_logprob(exact_velocity(x, sigmas[k]), x, sigmas[k], sigmas[k + 1], noise_level, generator=g)
+    return x.mean().item(), x.var().item()
+
+
+def test_sde_keeps_the_marginals_with_error_shrinking_in_the_number_of_steps():
+    errors = []
+    for steps in (10, 40, 160):
+        mean, var = run_toy_sde(steps, noise_level=0.7)
+        errors.append(abs(mean - M) + abs(var - S0**2))
+    assert errors[2] < 0.02, errors  # data distribution N(1.5, 0.25) recovered
+    assert errors[0] > errors[1] > errors[2], errors
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(3)
+    mean, mean_ref = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, generator=g)
+    std = torch.tensor([0.1, 0.3, 0.7]).reshape(3, 1, 1, 1)
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, std.expand_as(mean)), torch.distributions.Normal(mean_ref, std.expand_as(mean))
+    ).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(gaussian_kl(mean, mean_ref, std), expected)
+
+
+def test_group_advantages_closed_form():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0], [0.0, 1.0, 0.0, 1.0]])
+    adv = group_advantages(rewards)
+    std = math.sqrt(1.25)  # population std of 1, 2, 3, 4
+    torch.testing.assert_close(adv[0], torch.tensor([-1.5, -0.5, 0.5, 1.5]) / (std + op_grpo.ADV_EPS))
+    assert torch.equal(adv[1], torch.zeros(4))  # equal rewards: no signal
+    torch.testing.assert_close(adv[2], torch.tensor([-0.5, 0.5, -0.5, 0.5]) / (0.5 + op_grpo.ADV_EPS))  # std 0.5
+    torch.testing.assert_close(adv.sum(dim=1), torch.zeros(3), atol=1e-6, rtol=0)
+
+
+def test_sequence_weight_is_the_product_over_kept_steps():
+    g = torch.Generator().manual_seed(4)
+    log_old, log_beh = torch.randn(3, 10, generator=g) * 0.1, torch.randn(3, 10, generator=g) * 0.1
+    replayed = torch.tensor([True, False, True])
+    keep = kept_steps(10, 3, replayed)
+    assert keep.sum(dim=1).tolist() == [7, 10, 7]
+    log_old[0, 7:] = float("nan")  # regenerated tail: no log-prob, must be ignored
+    w = sequence_is_weight(log_old, log_beh, keep)
+    for i in range(3):
+        kept = keep[i].nonzero().flatten().tolist()
+        expected = math.prod(math.exp(log_old[i, k].item()) / math.exp(log_beh[i, k].item()) for k in kept)
+        assert abs(w[i].item() - expected) < 1e-5 * expected
+    assert torch.equal(sequence_is_weight(log_beh, log_beh, keep), torch.ones(3))  # on-policy: exactly 1
+    assert kept_steps(10, 0, replayed).all()
+
+
+def test_sequence_weight_carries_no_gradient():
+    log_old = torch.zeros(2, 4, requires_grad=True)
+    w = sequence_is_weight(log_old, torch.zeros(2, 4), torch.ones(2, 4, dtype=torch.bool))
+    assert not w.requires_grad
+
+
+def test_late_steps_are_a_cliff_for_log_ratios():
+    """A 1% change of the velocity moves per-step log-ratios far more at low noise (paper Fig. 2).
+
+    Per dimension the log-ratio is about z |d mu| / std + |d mu|^2 / (2 std^2) with z ~ N(0, 1); the
+    transition variance std^2 = a^2 sigma / (1 - sigma) |dt| vanishes as sigma -> 0, so both the spread and
+    the systematic part (the KL) grow at the last steps.
+    """
+    g = torch.Generator().manual_seed(5)
+    sigmas = torch.linspace(1.0, 0.0, 11)
+    x = torch.randn(512, 4, 8, 8, generator=g)
+    spread, kl = [], []
+    for k in range(10):
+        v = exact_velocity(x, sigmas[k])
+        nxt, lp_old, mean_old, std = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], 0.7, generator=g)
+        _, lp_new, mean_new, _ = sde_step_with_logprob(v * 1.01, x, sigmas[k], sigmas[k + 1], 0.7, prev_sample=nxt)
+        spread.append((lp_new - lp_old).abs().mean().item())
+        kl.append(gaussian_kl(mean_old, mean_new, std).mean().item())
+        x = nxt
+    assert all(a < b for a, b in zip(spread, spread[1:])), spread
+    assert spread[-1] > 10 * spread[0], spread
+    assert kl[-1] > 50 * kl[0] and kl[-1] > 5 * kl[4], kl
+
+
+@pytest.mark.parametrize("advantage", [1.0, -1.0])
+def test_clipped_surrogate_gradients_vanish_beyond_the_clip(advantage):
+    eps = 0.1
+    for log_ratio, should_vanish in [(0.0, False), (0.2, advantage > 0), (-0.2, advantage < 0)]:
+        log_prob = torch.tensor([log_ratio], requires_grad=True)
+        loss, ratio = clipped_surrogate(log_prob, torch.zeros(1), torch.tensor([advantage]), eps)
+        loss.sum().backward()
+        assert torch.allclose(ratio, torch.tensor([math.exp(log_ratio)]))
+        if should_vanish:  # past the clip in the direction the advantage pushes: no more incentive
+            assert log_prob.grad.item() == 0.0
+        else:  # inside the clip, or past it in the unfavourable direction: the gradient pulls back
+            assert log_prob.grad.item() == pytest.approx(-advantage * math.exp(log_ratio))
+    # the loss value is the pessimistic minimum of the two objectives (CleanRL's max of the negatives)
+    loss, _ = clipped_surrogate(torch.tensor([0.5]), torch.tensor([0.0]), torch.tensor([advantage]), eps)
+    assert loss.item() == pytest.approx(max(-advantage * math.exp(0.5), -advantage * (1 + eps)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The replay buffer
+# ---------------------------------------------------------------------------------------------------------
+def entry(value):
+    return torch.full((11, 4, 8, 8), float(value)), torch.full((10,), float(value))
+
+
+def test_buffer_keeps_one_entry_per_prompt_and_only_a_better_one():
+    buffer = ReplayBuffer(capacity=4, decay=0.0)
+    assert buffer.offer("a red circle", *entry(1), reward=0.5)
+    assert not buffer.offer("a red circle", *entry(2), reward=0.4)  # worse: refused
+    assert not buffer.offer("a red circle", *entry(2), reward=0.5)  # equal: refused
+    assert buffer.entries["a red circle"]["latents"][0, 0, 0, 0] == 1
+    assert buffer.offer("a red circle", *entry(3), reward=0.7)  # better: replaces
+    assert len(buffer) == 1 and buffer.entries["a red circle"]["reward"] == 0.7
+    assert buffer.entries["a red circle"]["latents"][0, 0, 0, 0] == 3
+
+
+def test_buffer_evicts_the_lowest_when_full():
+    buffer = ReplayBuffer(capacity=3, decay=0.0)
+    for prompt, reward in [("p1", 0.3), ("p2", 0.1), ("p3", 0.2)]:
+        assert buffer.offer(prompt, *entry(0), reward=reward)
+    assert not buffer.offer("p4", *entry(0), reward=0.05)  # below the lowest: refused
+    assert buffer.offer("p4", *entry(0), reward=0.15)  # evicts p2 (0.1)
+    assert sorted(buffer.entries) == ["p1", "p3", "p4"]
+    assert len(buffer) == 3
+
+
+def test_buffer_decay_makes_old_entries_replaceable_also_for_negative_rewards():
+    buffer = ReplayBuffer(capacity=2, decay=0.1)
+    buffer.offer("old", *entry(0), reward=-1.0)
+    buffer.offer("other", *entry(0), reward=-1.2)
+    for _ in range(5):
+        buffer.tick()
+    assert buffer.decayed_reward("old") == pytest.approx(-1.5)
+    assert buffer.mean_age() == 5
+    assert buffer.offer("old", *entry(1), reward=-1.4)  # worse than the stored -1.0, better than its decayed -1.5
+    assert buffer.offer("new", *entry(2), reward=-1.6)  # evicts "other", decayed to -1.7
+    assert sorted(buffer.entries) == ["new", "old"]
+    assert buffer.entries["old"]["born"] == 5
+
+
+def test_buffer_sample_is_distinct_and_bounded():
+    buffer = ReplayBuffer(capacity=10, decay=0.0)
+    for i in range(5):
+        buffer.offer(f"p{i}", *entry(i), reward=i)
+    picked = buffer.sample(3, random.Random(0))
+    assert len(set(picked)) == 3 and set(picked) <= set(buffer.entries)
+    assert sorted(buffer.sample(9, random.Random(0))) == sorted(buffer.entries)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+def test_cli_parses_the_documented_flags():
+    args = tyro.cli(Args, args=["--iterations", "5", "--off-policy-fraction", "0.05", "--prompts-per-iteration", "20",
+                                "--reward", "jpeg", "--output-dir", "/tmp/x", "--seed", "3", "--correction", "naive"])
+    assert (args.iterations, args.off_policy_fraction, args.reward, args.output_dir, args.seed) == (5, 0.05, "jpeg", "/tmp/x", 3)
+    assert args.correction == "naive" and args.model == "tiny"
+    check_args(args)
+    with pytest.raises(SystemExit):
+        tyro.cli(Args, args=["--reward", "nonsense"])
+
+
+@pytest.mark.parametrize(
+    "flags, flag_named",
+    [
+        (["--group-size", "1"], "--group-size"),
+        (["--off-policy-fraction", "1.0"], "--off-policy-fraction"),
+        (["--off-policy-fraction", "-0.1"], "--off-policy-fraction"),
+        (["--off-policy-fraction", "0.05", "--prompts-per-iteration", "4"], "--off-policy-fraction"),
+        (["--truncate-steps", "10"], "--truncate-steps"),
+        (["--num-steps", "1", "--truncate-steps", "0"], "--num-steps"),
+        (["--updates-per-batch", "1000"], "--updates-per-batch"),
+        (["--clip-range", "0"], "--clip-range"),
+        (["--noise-level", "0"], "--noise-level"),
+        (["--kl-beta", "-1"], "--kl-beta"),
+        (["--model", "sd3"], "--model"),
+    ],
+)
+def test_impossible_settings_are_rejected_with_the_flag_named(flags, flag_named):
+    with pytest.raises(ValueError, match=flag_named):
+        check_args(tyro.cli(Args, args=flags))
+
+
+def test_bad_flag_exits_with_one_line_and_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "op_grpo.py", "--group-size", "1", "--output-dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "--group-size" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # rejected before anything was loaded or written
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The toy world
+# ---------------------------------------------------------------------------------------------------------
+def test_verifier_on_ground_truth_renders_of_held_out_prompts():
+    train, held_out = toy_world.split_specs()
+    rng = random.Random(0)
+    right, wrong = [], []
+    for _ in range(400):
+        spec = rng.choice(held_out)
+        image = toy_world.render(spec, rng)
+        right.append(toy_world.score(spec, image))
+        other = rng.choice([s for s in train + held_out if s.family == spec.family and s != spec])
+        wrong.append(toy_world.score(other, image))
+    right, wrong = np.array(right), np.array(wrong)
+    assert right[:, 0].mean() >= 0.95 and right[:, 1].mean() >= 0.98
+    assert wrong[:, 0].mean() <= 0.05 and wrong[:, 1].mean() < 0.7
+
+
+def test_verifier_reads_counts_shapes_and_positions():
+    rng = random.Random(1)
+    spec = toy_world.SPEC_BY_PROMPT["a red square left of a blue circle"]
+    image = toy_world.render(spec, rng)
+    assert toy_world.score(spec, image) == (1.0, 1.0)
+    flipped = toy_world.SPEC_BY_PROMPT["a red square right of a blue circle"]
+    strict, dense = toy_world.score(flipped, image)
+    assert strict == 0.0 and dense == pytest.approx(7 / 8)  # all but the relation
+    three = toy_world.render(toy_world.SPEC_BY_PROMPT["three green triangles"], rng)
+    assert toy_world.score(toy_world.SPEC_BY_PROMPT["two green triangles"], three)[0] == 0.0
+    objects = toy_world.find_objects(three)
+    assert [o["shape"] for o in objects] == ["triangle"] * 3 and {o["colour"] for o in objects} == {"green"}
+    blank = np.full((32, 32, 3), toy_world.BACKGROUND, dtype=np.uint8)
+    assert toy_world.score(spec, blank) == (0.0, pytest.approx(1 / 8))  # only "nothing else" holds
+    with pytest.raises(ValueError, match="not a prompt of the toy world"):
+        toy_world.score_prompt("a purple hexagon", blank)
+
+
+def test_verifier_works_at_other_resolutions():
+    spec = toy_world.SPEC_BY_PROMPT["two blue circles"]
+    image = toy_world.render(spec, random.Random(2))
+    assert toy_world.score(spec, image.resize((128, 128), resample=0)) == (1.0, 1.0)
+
+
+def test_vocabulary_covers_every_prompt_one_token_per_word():
+    tokenizer = toy_world.build_tokenizer()
+    for spec in toy_world.all_specs():
+        prompt = toy_world.describe(spec)
+        ids = tokenizer(prompt).input_ids
+        assert len(ids) == len(prompt.split()) + 2 <= toy_world.CLIP_TOKENS  # <bos> words <eos>
+        assert tokenizer.decode(ids, skip_special_tokens=True).strip() == prompt
+    assert len(toy_world.all_specs()) == 12 + 24 + 108 + 432
+    train, held_out = toy_world.split_specs()
+    assert not {toy_world.describe(s) for s in train} & {toy_world.describe(s) for s in held_out}
+    assert {s.family for s in held_out} == {"counting", "binding", "position"}
+
+
+def test_saved_model_loads_offline_and_generates_with_the_stock_pipeline():
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained("tiny_sd3", text_encoder_3=None, tokenizer_3=None, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(["a red circle", "two blue squares"], num_inference_steps=4, guidance_scale=1.0, height=32, width=32,
+               max_sequence_length=toy_world.T5_TOKENS, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (2, 32, 32, 3) and np.isfinite(out.images).all()
+    assert out.images.std() > 0.05  # an image, not a flat field
+
+
+def test_build_script_runs_end_to_end_in_a_reduced_setting(tmp_path):
+    args = toy_world.BuildArgs(output_dir=str(tmp_path / "tiny"), num_images=256, vae_steps=3, transformer_steps=3, eval_per_family=2)
+    report = toy_world.build(args)
+    assert (tmp_path / "tiny" / "model_index.json").exists() and (tmp_path / "tiny" / "base_samples.png").exists()
+    saved = json.loads((tmp_path / "tiny" / "build_report.json").read_text())
+    assert saved["held_out"]["mix"]["strict"] == report["held_out"]["mix"]["strict"]
+    assert set(saved["train"]) == set(toy_world.FAMILIES) | {"mix"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole job, short
+# ---------------------------------------------------------------------------------------------------------
+def test_end_to_end_with_replay_weights_and_truncation(tmp_path):
+    args = Args(iterations=4, prompts_per_iteration=4, group_size=4, off_policy_fraction=0.5, truncate_steps=3,
+                eval_every=2, eval_per_family=4, output_dir=str(tmp_path), seed=0)
+    history = op_grpo.main(args)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows == json.loads(json.dumps(history))
+    assert "eval_reward" in rows[0] and "eval_reward" in rows[1] and "eval_reward" in rows[3]
+    replayed = [r for r in rows if r["replayed_groups"] > 0]
+    assert replayed, "the buffer was never used"
+    for r in replayed:
+        assert r["replayed_groups"] == 2 and r["clipfrac_off_policy"] is not None
+        assert math.isfinite(r["is_weight_mean"]) and r["is_weight_min"] > 0
+        assert all(math.isnan(x) for x in r["log_ratio_old_behavior_per_step"][7:])  # truncated steps
+        assert all(math.isfinite(x) for x in r["log_ratio_old_behavior_per_step"][:7])
+    for r in rows:
+        assert all(math.isfinite(r[k]) for k in ("reward_mean", "loss", "approx_kl", "kl_to_reference"))
+    assert (tmp_path / "before_after.png").exists() and (tmp_path / "transformer" / "config.json").exists()
