@@ -3,6 +3,7 @@ short runs of the whole job. Run with `python -m pytest -q test_op_grpo.py`."""
 
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from op_grpo import (
 )
 
 torch.set_num_threads(2)
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,6 +221,38 @@ def test_clipped_surrogate_gradients_vanish_beyond_the_clip(advantage):
     assert loss.item() == pytest.approx(max(-advantage * math.exp(0.5), -advantage * (1 + eps)))
 
 
+def test_family_weighted_score_and_paired_change():
+    per_family = {"single": [1, 0, 1, 1], "counting": [0, 0, 1, 0]}  # EVAL_MIX weights 0.2 and 0.3
+    mean, se = op_grpo.mix_mean_and_se(per_family)
+    assert mean == pytest.approx((0.2 * 0.75 + 0.3 * 0.25) / 0.5)
+    assert se == pytest.approx(math.sqrt(0.2**2 * 0.1875 / 4 + 0.3**2 * 0.1875 / 4) / 0.5)
+    before = {"held_out": {"counting": [0, 0, 1, 1]}, "train": {"single": [1, 1, 0, 0]}}
+    after = {"held_out": {"counting": [1, 0, 1, 1]}, "train": {"single": [1, 1, 1, 1]}}
+    change, change_se = op_grpo.paired_change(before, after)
+    assert change == pytest.approx((0.25 + 0.5) / 2)  # mean of the two sets' changes
+    assert change_se == pytest.approx(math.sqrt(0.1875 / 4 + 0.25 / 4) / 2)  # from per-image differences
+
+
+def test_guidance_is_one_batched_pass_combined_as_v_u_plus_g_times_v_c_minus_v_u():
+    class Recorder(torch.nn.Module):  # a stand-in transformer whose output depends on the text inputs
+        dtype = torch.float32
+
+        def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections):
+            self.batch = len(hidden_states)
+            out = hidden_states * pooled_projections.sum(1)[:, None, None, None] + encoder_hidden_states.mean((1, 2))[:, None, None, None]
+            return type("Output", (), {"sample": out + timestep[:, None, None, None] / 1000})
+
+    g = torch.Generator().manual_seed(6)
+    x, embeds, pooled = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 5, 8, generator=g), torch.randn(3, 6, generator=g)
+    uncond = (torch.randn(5, 8, generator=g), torch.randn(6, generator=g))
+    model = Recorder()
+    v = op_grpo.predict_velocity(model, x, torch.tensor(0.5), embeds, pooled, 4.5, uncond)
+    assert model.batch == 6  # conditional and unconditional in one pass
+    v_c = op_grpo.predict_velocity(model, x, torch.tensor(0.5), embeds, pooled, 1.0)
+    v_u = op_grpo.predict_velocity(model, x, torch.tensor(0.5), uncond[0].expand(3, 5, 8), uncond[1].expand(3, 6), 1.0)
+    torch.testing.assert_close(v, v_u + 4.5 * (v_c - v_u))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The replay buffer
 # ---------------------------------------------------------------------------------------------------------
@@ -305,7 +339,7 @@ def test_impossible_settings_are_rejected_with_the_flag_named(flags, flag_named)
 
 
 def test_bad_flag_exits_with_one_line_and_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "op_grpo.py", "--group-size", "1", "--output-dir", str(tmp_path / "run")],
+    result = subprocess.run([sys.executable, os.path.join(HERE, "op_grpo.py"), "--group-size", "1", "--output-dir", str(tmp_path / "run")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "--group-size" in result.stderr and "Traceback" not in result.stderr
@@ -370,7 +404,7 @@ def test_vocabulary_covers_every_prompt_one_token_per_word():
 def test_saved_model_loads_offline_and_generates_with_the_stock_pipeline():
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained("tiny_sd3", text_encoder_3=None, tokenizer_3=None, local_files_only=True)
+    pipe = StableDiffusion3Pipeline.from_pretrained(os.path.join(HERE, "tiny_sd3"), text_encoder_3=None, tokenizer_3=None, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(["a red circle", "two blue squares"], num_inference_steps=4, guidance_scale=1.0, height=32, width=32,
                max_sequence_length=toy_world.T5_TOKENS, output_type="np", generator=torch.Generator().manual_seed(0))
@@ -378,13 +412,22 @@ def test_saved_model_loads_offline_and_generates_with_the_stock_pipeline():
     assert out.images.std() > 0.05  # an image, not a flat field
 
 
-def test_build_script_runs_end_to_end_in_a_reduced_setting(tmp_path):
-    args = toy_world.BuildArgs(output_dir=str(tmp_path / "tiny"), num_images=256, vae_steps=3, transformer_steps=3, eval_per_family=2)
-    report = toy_world.build(args)
-    assert (tmp_path / "tiny" / "model_index.json").exists() and (tmp_path / "tiny" / "base_samples.png").exists()
-    saved = json.loads((tmp_path / "tiny" / "build_report.json").read_text())
-    assert saved["held_out"]["mix"]["strict"] == report["held_out"]["mix"]["strict"]
+def test_build_script_runs_end_to_end_and_deterministically_in_a_reduced_setting(tmp_path):
+    from safetensors.torch import load_file
+
+    reports = []
+    for name in ("a", "b"):
+        args = toy_world.BuildArgs(output_dir=str(tmp_path / name), num_images=256, vae_steps=3, transformer_steps=3, eval_per_family=2)
+        reports.append(toy_world.build(args))
+    folder = tmp_path / "a"
+    assert (folder / "model_index.json").exists() and (folder / "base_samples.png").exists()
+    saved = json.loads((folder / "build_report.json").read_text())
+    assert saved["held_out"]["mix"]["strict"] == reports[0]["held_out"]["mix"]["strict"]
     assert set(saved["train"]) == set(toy_world.FAMILIES) | {"mix"}
+    for part in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(tmp_path / "a" / part), load_file(tmp_path / "b" / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert reports[0]["train"] == reports[1]["train"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -402,8 +445,8 @@ def test_end_to_end_with_replay_weights_and_truncation(tmp_path):
     for r in replayed:
         assert r["replayed_groups"] == 2 and r["clipfrac_off_policy"] is not None
         assert math.isfinite(r["is_weight_mean"]) and r["is_weight_min"] > 0
-        assert all(math.isnan(x) for x in r["log_ratio_old_behavior_per_step"][7:])  # truncated steps
-        assert all(math.isfinite(x) for x in r["log_ratio_old_behavior_per_step"][:7])
+        assert len(r["log_ratio_old_behavior_per_step"]) == 10  # every step, truncated ones included
+        assert all(math.isfinite(x) for x in r["log_ratio_old_behavior_per_step"])
     for r in rows:
         assert all(math.isfinite(r[k]) for k in ("reward_mean", "loss", "approx_kl", "kl_to_reference"))
     assert (tmp_path / "before_after.png").exists() and (tmp_path / "transformer" / "config.json").exists()

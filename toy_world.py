@@ -324,7 +324,13 @@ def build_tokenizer():
     bpe.train_from_iterator([" ".join(vocabulary())] * 10, trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in model["merges"]]
-    return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=CLIP_TOKENS)
+    # The trainer breaks ties between equally frequent pairs differently from run to run, which reorders
+    # its ids. Ids are renumbered here (special tokens, then whole words, then the other pieces, each
+    # sorted), so that a word's id, hence the model built on it, never depends on the run.
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    words = sorted(w + "</w>" for w in vocabulary())
+    pieces = specials + words + sorted(set(model["vocab"]) - set(specials) - set(words))
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(pieces)}, merges=merges, model_max_length=CLIP_TOKENS)
 
 
 def build_pipeline(args: BuildArgs, tokenizer):
