@@ -13,7 +13,7 @@ What it does
   a sequence-level importance weight.
 
 Commands
-  python op_grpo.py                                   # embedded tiny SD3 on the toy GenEval world, CPU, ~5 min
+  python op_grpo.py                                   # embedded tiny SD3 on the toy GenEval world, CPU, ~9 min
   python op_grpo.py --off-policy-fraction 0           # the same run as plain on-policy Flow-GRPO
   python -m pytest -q test_op_grpo.py                 # the tests
 
@@ -58,7 +58,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass
 class Args:
-    """OP-GRPO fine-tuning of an SD3-family pipeline. Defaults: the embedded tiny model on a CPU, about 5 minutes."""
+    """OP-GRPO fine-tuning of an SD3-family pipeline. Defaults: the embedded tiny model on 2 CPU cores, about 9 minutes."""
 
     # --- model and reward
     model: Literal["tiny", "sd3"] = "tiny"
@@ -87,10 +87,12 @@ class Args:
     # --- the GRPO update (Eqs. 5-6)
     learning_rate: float = 1e-4
     """AdamW learning rate (full fine-tuning of the tiny transformer)"""
+    warmup_iterations: int = 10
+    """linear learning-rate warm-up over the first iterations (Adam's first steps are its largest); 0 = none"""
     updates_per_batch: int = 2
     """optimizer steps per rollout batch (Flow-GRPO: 2); each uses 1/updates of the samples and all their kept steps"""
     train_steps: int | None = None
-    """the loss uses the first train_steps of the K steps (Flow-GRPO's SD3.5 recipe: 9 of 10); None = all"""
+    """the loss uses the first train_steps of the K steps; None = K - 1 (Flow-GRPO's SD3.5 recipe trains 9 of 10)"""
     clip_range: float = 2e-3
     """PPO clip epsilon on the per-step ratio; on the scale of per-dimension-mean log-probs (Flow-GRPO SD3.5: 1e-4)"""
     adv_clip: float = 5.0
@@ -146,6 +148,8 @@ def check_args(args: Args) -> None:
         )
     if args.num_steps < 2:
         problems.append(f"--num-steps must be at least 2, got {args.num_steps}")
+    if args.train_steps is not None and not 1 <= args.train_steps <= args.num_steps:
+        problems.append(f"--train-steps must be in [1, --num-steps={args.num_steps}], got {args.train_steps}")
     if not 0 <= args.truncate_steps < args.num_steps:
         problems.append(f"--truncate-steps must be in [0, --num-steps={args.num_steps}), got {args.truncate_steps}")
     if args.noise_level <= 0:
@@ -156,7 +160,7 @@ def check_args(args: Args) -> None:
     for flag in ("learning_rate", "clip_range", "adv_clip", "max_grad_norm"):
         if getattr(args, flag) <= 0:
             problems.append(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    for flag in ("kl_beta", "reward_decay"):
+    for flag in ("kl_beta", "reward_decay", "warmup_iterations"):
         if getattr(args, flag) < 0:
             problems.append(f"--{flag.replace('_', '-')} must be non-negative, got {getattr(args, flag)}")
     for flag in ("iterations", "eval_every", "eval_per_family", "eval_steps", "buffer_capacity"):
@@ -492,21 +496,21 @@ def paired_change(before: dict, after: dict) -> tuple[float, float]:
 
 def before_after_grid(prompts, before, after, path, columns=8):
     """Rows of `columns` samples: before on top of after, the prompt and both strict scores underneath."""
-    zoom, cell_w = 4, 150
+    zoom, cell_w, gap = 4, 150, 4
     side = before[0].width * zoom
-    cell_h = 2 * side + 40
+    cell_h = 2 * side + gap + 40
     picks = np.linspace(0, len(prompts) - 1, columns * 2).round().astype(int)
     grid = Image.new("RGB", (cell_w * columns, cell_h * 2), "white")
     draw = ImageDraw.Draw(grid)
     for n, i in enumerate(picks):
         x, y = (n % columns) * cell_w, (n // columns) * cell_h
-        for row, image in enumerate((before[i], after[i])):
-            grid.paste(image.resize((side, side), Image.NEAREST), (x + (cell_w - side) // 2, y + row * side))
+        for row, image in enumerate((before[i], after[i])):  # before on top, after below
+            grid.paste(image.resize((side, side), Image.NEAREST), (x + (cell_w - side) // 2, y + row * (side + gap)))
         s0, s1 = toy_world.score_prompt(prompts[i], before[i])[0], toy_world.score_prompt(prompts[i], after[i])[0]
         words = prompts[i].split()
-        draw.text((x + 3, y + 2 * side + 2), " ".join(words[:4]), fill="black")
-        draw.text((x + 3, y + 2 * side + 13), " ".join(words[4:]), fill="black")
-        draw.text((x + 3, y + 2 * side + 25), f"before {s0:.0f}  after {s1:.0f}", fill="black")
+        draw.text((x + 3, y + 2 * side + gap + 2), " ".join(words[:4]), fill="black")
+        draw.text((x + 3, y + 2 * side + gap + 13), " ".join(words[4:]), fill="black")
+        draw.text((x + 3, y + 2 * side + gap + 25), f"before {s0:.0f}  after {s1:.0f}", fill="black")
     grid.save(path)
 
 
@@ -527,11 +531,14 @@ def main(args: Args) -> list[dict]:
     generator = torch.Generator(device).manual_seed(args.seed)
     P, G, K = args.prompts_per_iteration, args.group_size, args.num_steps
     n_replay = replay_slots(args)
+    # the last step, the sharpest Gaussian and the one least able to change the image, is left out by default
+    n_train_steps = args.train_steps or K - 1
     B = P * G
     print(
         f"batch: {P} prompts x {G} images = {B} trajectories of {K} steps per iteration; "
         f"{n_replay} replayed groups ({G - 1} fresh + 1 stored, last {args.truncate_steps} steps regenerated) "
-        f"-> {B - n_replay} fresh samples; {args.updates_per_batch} updates of {B // args.updates_per_batch} samples"
+        f"-> {B - n_replay} fresh samples; {args.updates_per_batch} updates of {B // args.updates_per_batch} samples "
+        f"on the first {n_train_steps} steps"
     )
     os.makedirs(args.output_dir, exist_ok=True)
 
@@ -547,6 +554,7 @@ def main(args: Args) -> list[dict]:
     pipe.text_encoder, pipe.text_encoder_2 = None, None  # embeddings are cached; the encoders are not needed again
     reward_fn = REWARDS[args.reward]
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (args.warmup_iterations + 1)))
     sigmas = noise_schedule(pipe, K, device)
     eval_sigmas = noise_schedule(pipe, args.eval_steps, device)
     buffer = ReplayBuffer(args.buffer_capacity, args.reward_decay)
@@ -650,7 +658,7 @@ def main(args: Args) -> list[dict]:
             log_prob_old = torch.where(replayed[:, None], log_prob_behavior, log_prob_old)  # clip against p_off
         advantages = group_advantages(rewards.view(P, G)).view(B).clamp(-args.adv_clip, args.adv_clip)
         embeds, pooled = embeds_of(prompts)
-        trained = keep & (torch.arange(K, device=device) < (args.train_steps or K))  # (B, K): steps in the loss
+        trained = keep & (torch.arange(K, device=device) < n_train_steps)  # (B, K): the steps in the loss
 
         # ---- 7. Buffer admission (Eq. 7): each group's best fresh trajectory is the candidate
         buffer.tick()
@@ -701,6 +709,7 @@ def main(args: Args) -> list[dict]:
                     stats["loss"].append(loss.item() / n_terms.item())
             torch.nn.utils.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
             optimizer.step()
+        warmup.step()
         transformer.eval()
         timings["time/update"] = time.perf_counter() - clock
 

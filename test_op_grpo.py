@@ -327,6 +327,8 @@ def test_cli_parses_the_documented_flags():
         (["--truncate-steps", "10"], "--truncate-steps"),
         (["--num-steps", "1", "--truncate-steps", "0"], "--num-steps"),
         (["--updates-per-batch", "1000"], "--updates-per-batch"),
+        (["--train-steps", "11"], "--train-steps"),
+        (["--warmup-iterations", "-1"], "--warmup-iterations"),
         (["--clip-range", "0"], "--clip-range"),
         (["--noise-level", "0"], "--noise-level"),
         (["--kl-beta", "-1"], "--kl-beta"),
