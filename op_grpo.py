@@ -198,7 +198,7 @@ def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev
     sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=sample.device).reshape(shape).expand_as(sigma)
     dt = sigma_next - sigma  # (B, 1, 1, 1), negative: sampling walks from noise (1) to data (0)
 
-    # Flow-GRPO Eq. 9: s_sigma = a * sqrt(sigma / (1 - sigma)). At sigma = 1 (the first step) the ratio is
+    # Flow-GRPO's noise schedule: s_sigma = a * sqrt(sigma / (1 - sigma)). At sigma = 1 (the first step) the ratio is
     # infinite; like Flow-GRPO's code we put 1 - sigma_next in the denominator there, a finite large noise.
     one_minus_sigma = torch.where(sigma >= 1.0, 1.0 - sigma_next, 1.0 - sigma)
     noise_scale = noise_level * torch.sqrt(sigma / one_minus_sigma)
@@ -660,10 +660,10 @@ def main(args: Args) -> list[dict]:
         embeds, pooled = embeds_of(prompts)
         trained = keep & (torch.arange(K, device=device) < n_train_steps)  # (B, K): the steps in the loss
 
-        # ---- 7. Buffer admission (Eq. 7): each group's best fresh trajectory is the candidate
+        # ---- 7. Buffer admission (Eq. 7): each group's best fresh trajectory is the candidate (no buffer at rho = 0)
         buffer.tick()
         admitted = 0
-        for slot in range(P):
+        for slot in range(P if n_replay else 0):
             members = torch.arange(slot * G, (slot + 1) * G, device=device)
             fresh = members[~replayed[members]]
             best = fresh[rewards[fresh].argmax()]

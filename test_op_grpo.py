@@ -452,3 +452,12 @@ def test_end_to_end_with_replay_weights_and_truncation(tmp_path):
     for r in rows:
         assert all(math.isfinite(r[k]) for k in ("reward_mean", "loss", "approx_kl", "kl_to_reference"))
     assert (tmp_path / "before_after.png").exists() and (tmp_path / "transformer" / "config.json").exists()
+
+
+def test_zero_off_policy_fraction_is_plain_on_policy_flow_grpo(tmp_path):
+    args = Args(iterations=2, prompts_per_iteration=2, group_size=4, off_policy_fraction=0.0, eval_every=2,
+                eval_per_family=2, output_dir=str(tmp_path), seed=1)
+    rows = op_grpo.main(args)
+    for r in rows:
+        assert r["replayed_groups"] == 0 and r["buffer_size"] == 0 and r["clipfrac_off_policy"] is None
+        assert "is_weight_mean" not in r and math.isfinite(r["loss"])
