@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -126,6 +127,16 @@ class Args:
     threads: int | None = None
     """CPU threads for torch; None keeps torch's default"""
 
+    # --- checkpoints and failures
+    checkpoint_every: int = 50
+    """write <output-dir>/checkpoint.pt every this many iterations (also at the end and on SIGINT/SIGTERM); 0 = only those"""
+    resume: str | None = None
+    """continue the run saved in this folder; its args.json gives the defaults, so only changed flags need repeating"""
+    overwrite: bool = False
+    """allow starting afresh in an --output-dir that already holds a checkpoint (it is replaced)"""
+    nonfinite_patience: int = 3
+    """consecutive iterations whose update is skipped for a NaN/inf before the run stops (with a checkpoint)"""
+
 
 # Numerical constants, named so that nothing hides in a literal.
 ADV_EPS = 1e-4  # added to the group std (Flow-GRPO uses 1e-4)
@@ -168,10 +179,45 @@ def check_args(args: Args) -> None:
             problems.append(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.guidance_scale < 1:
         problems.append(f"--guidance-scale must be at least 1 (1 disables guidance), got {args.guidance_scale}")
+    if args.checkpoint_every < 0:
+        problems.append(f"--checkpoint-every must be non-negative (0 = only at the end and on a signal), got {args.checkpoint_every}")
+    if args.nonfinite_patience < 1:
+        problems.append(f"--nonfinite-patience must be at least 1, got {args.nonfinite_patience}")
+    problems += check_folders(args)
     if args.model == "sd3":
         problems.append("--model sd3 is not available yet: this version trains the embedded tiny model (--model tiny)")
     if problems:
         raise ValueError("\n".join(problems))
+
+
+CHECKPOINT = "checkpoint.pt"  # in --output-dir: everything needed to continue the run exactly (see save_checkpoint)
+STRUCTURAL_FLAGS = ("model", "num_steps")  # a resumed run must keep these: the weights and the stored trajectories depend on them
+
+
+def check_folders(args: Args) -> list[str]:
+    """The file-system half of check_args: a run never overwrites a checkpoint unasked, --resume finds one."""
+    problems = []
+    existing = os.path.join(args.output_dir, CHECKPOINT)
+    resuming_here = args.resume is not None and os.path.realpath(args.resume) == os.path.realpath(args.output_dir)
+    if os.path.exists(existing) and not resuming_here and not args.overwrite:
+        problems.append(f"--output-dir {args.output_dir} already holds a run ({CHECKPOINT}); continue it with "
+                        f"--resume {args.output_dir}, or pass --overwrite, or choose another --output-dir")
+    if args.resume is not None:
+        path = os.path.join(args.resume, CHECKPOINT)
+        if not os.path.isfile(path):
+            return problems + [f"--resume {args.resume}: no {CHECKPOINT} in that folder"]
+        try:
+            with open(os.path.join(args.resume, "args.json")) as f:
+                saved = json.load(f)
+            done = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iteration"]
+        except Exception as error:  # unreadable or truncated files: say which and why, no traceback
+            return problems + [f"--resume {args.resume}: cannot read its args.json and {CHECKPOINT} ({type(error).__name__}: {error})"]
+        for flag in STRUCTURAL_FLAGS:
+            if saved.get(flag) != getattr(args, flag):
+                problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)} differs from the resumed run's {saved.get(flag)}")
+        if args.iterations <= done:
+            problems.append(f"--iterations {args.iterations}: the run in {args.resume} has already done {done}; raise it to train on")
+    return problems
 
 
 def replay_slots(args: Args) -> int:
@@ -274,6 +320,16 @@ def gaussian_kl(mean, mean_ref, std_dev):
     return ((mean - mean_ref) ** 2 / (2 * std_dev**2)).mean(dim=tuple(range(1, mean.ndim)))
 
 
+class NonFiniteError(RuntimeError):
+    """A NaN or inf in a named quantity. main() skips the rest of the iteration's update when one is raised."""
+
+
+def require_finite(name: str, tensor: torch.Tensor, where: str = "") -> None:
+    """Raise NonFiniteError naming the quantity (and the step) if `tensor` holds a NaN or inf."""
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteError(f"non-finite {name}" + (f" {where}" if where else ""))
+
+
 # =========================================================================================================
 # The replay buffer of high-quality trajectories (Sec. 4.1, Eqs. 7-8)
 # =========================================================================================================
@@ -326,6 +382,15 @@ class ReplayBuffer:
     def mean_age(self) -> float:
         return float(np.mean([self.clock - e["born"] for e in self.entries.values()])) if self.entries else 0.0
 
+    def state_dict(self) -> dict:
+        """Everything, for checkpoints. Bytes per entry: 4 (K + 1) C H W for the latents plus 4 K for the
+        log-probs, all float32: 11 x 4 x 8 x 8 x 4 B = 11 kB for the tiny model, 11 x 16 x 64 x 64 x 4 B =
+        2.9 MB for SD3.5 at 512 px (K = 10), so the default 128 entries take 369 MB of CPU memory there."""
+        return {"clock": self.clock, "entries": self.entries}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clock, self.entries = state["clock"], state["entries"]
+
 
 # =========================================================================================================
 # Rewards: images (PIL) and prompts -> rewards (B,)
@@ -346,6 +411,24 @@ def jpeg_reward(images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
 
 
 REWARDS = {"geneval": geneval_reward, "jpeg": jpeg_reward}
+
+
+def compute_rewards(reward_fn, name: str, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+    """reward_fn on a batch, (B,) float32. If it raises, it is run image by image to name the first prompt it
+    fails on; a NaN/inf reward is a NonFiniteError naming its prompt."""
+    try:
+        rewards = reward_fn(images, prompts).float()
+    except Exception as error:
+        for image, prompt in zip(images, prompts):
+            try:
+                reward_fn([image], [prompt])
+            except Exception as single:
+                raise RuntimeError(f"reward {name!r} failed on prompt {prompt!r}: {type(single).__name__}: {single}") from single
+        raise RuntimeError(f"reward {name!r} failed on a batch of {len(prompts)} (each image alone passes): {error}") from error
+    bad = (~torch.isfinite(rewards)).nonzero().flatten()
+    if len(bad):
+        raise NonFiniteError(f"non-finite reward {name!r} ({rewards[bad[0]].item()}) for prompt {prompts[bad[0]]!r}")
+    return rewards
 
 
 # =========================================================================================================
@@ -404,7 +487,10 @@ def sample_trajectories(transformer, start, sigmas, first_step, embeds, pooled, 
     x = start
     for k in range(first_step, len(sigmas) - 1):
         v = predict_velocity(transformer, x, sigmas[k], embeds, pooled, guidance_scale, uncond)
+        require_finite("velocity", v, f"while sampling step {k}")
         x, log_prob, _, _ = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], noise_level, generator=generator)
+        if noise_level > 0:
+            require_finite("log-prob", log_prob, f"while sampling step {k}")
         latents.append(x)
         log_probs.append(log_prob)
     return torch.stack(latents, dim=1), torch.stack(log_probs, dim=1)
@@ -494,16 +580,19 @@ def paired_change(before: dict, after: dict) -> tuple[float, float]:
     return sum(m for m, _ in stats) / len(stats), math.sqrt(sum(se**2 for _, se in stats)) / len(stats)
 
 
+GRID_PICKS = 16  # evaluation images shown in the before/after grid, spread evenly over the held-out prompts
+
+
 def before_after_grid(prompts, before, after, path, columns=8):
-    """Rows of `columns` samples: before on top of after, the prompt and both strict scores underneath."""
+    """Two rows of `columns` samples: before on top of after, the prompt and both strict scores underneath.
+    The three lists hold the picked images only (2 x columns each)."""
     zoom, cell_w, gap = 4, 150, 4
     side = before[0].width * zoom
     cell_h = 2 * side + gap + 40
-    picks = np.linspace(0, len(prompts) - 1, columns * 2).round().astype(int)
     grid = Image.new("RGB", (cell_w * columns, cell_h * 2), "white")
     draw = ImageDraw.Draw(grid)
-    for n, i in enumerate(picks):
-        x, y = (n % columns) * cell_w, (n // columns) * cell_h
+    for i in range(len(prompts)):
+        x, y = (i % columns) * cell_w, (i // columns) * cell_h
         for row, image in enumerate((before[i], after[i])):  # before on top, after below
             grid.paste(image.resize((side, side), Image.NEAREST), (x + (cell_w - side) // 2, y + row * (side + gap)))
         s0, s1 = toy_world.score_prompt(prompts[i], before[i])[0], toy_world.score_prompt(prompts[i], after[i])[0]
@@ -515,6 +604,63 @@ def before_after_grid(prompts, before, after, path, columns=8):
 
 
 LATENT_SHAPE = (4, toy_world.IMAGE_SIZE // 4, toy_world.IMAGE_SIZE // 4)  # (C, H, W) of the tiny model
+
+
+# =========================================================================================================
+# Checkpoints and interruption: a crash, a NaN or Ctrl-C never costs the run
+# =========================================================================================================
+def rng_states(rng: random.Random, generator: torch.Generator) -> dict:
+    """Every random stream the loop draws from: prompts (Python), noise and minibatches (generator), torch's global one."""
+    return {"python": rng.getstate(), "generator": generator.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict, rng: random.Random, generator: torch.Generator) -> None:
+    rng.setstate(states["python"])
+    generator.set_state(states["generator"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(folder: str, transformer, state: dict) -> None:
+    """Write <folder>/checkpoint.pt: the trainable weights (all of them, or the adapters) plus `state`
+    (iteration, optimizer, scheduler, buffer, RNG states, metrics so far). Weights holding a NaN or inf are
+    never written; the file is replaced atomically, so a crash while writing leaves the previous one."""
+    trainable = {name: p.detach().cpu().clone() for name, p in transformer.named_parameters() if p.requires_grad}
+    for name, weight in trainable.items():
+        require_finite(f"weight {name}", weight, "(checkpoint not written; the previous one is kept)")
+    path = os.path.join(folder, CHECKPOINT)
+    torch.save({**state, "trainable": trainable}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+STOP_REQUESTED: list[str] = []  # signals received; main() checks it after every iteration
+
+
+def request_stop(signum, frame) -> None:
+    """SIGINT/SIGTERM handler (installed by the command line): the first lets the current iteration finish and
+    a checkpoint be written; a second stops at once, keeping the last checkpoint."""
+    if STOP_REQUESTED:
+        raise KeyboardInterrupt
+    STOP_REQUESTED.append(signal.Signals(signum).name)
+    print(f"\n{STOP_REQUESTED[0]}: finishing this iteration and writing a checkpoint (send it again to stop now)", file=sys.stderr, flush=True)
+
+
+def parse_cli(argv: list[str]) -> Args:
+    """tyro's command line. With --resume FOLDER the defaults become that run's args.json, so a resumed run
+    keeps its settings and only flags given again change (e.g. a higher --iterations)."""
+    defaults = Args()
+    for i, token in enumerate(argv):
+        if token == "--resume" or token.startswith("--resume="):
+            folder = token.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
+            try:
+                with open(os.path.join(folder, "args.json")) as f:
+                    saved = json.load(f)
+                defaults = Args(**{**saved, "overwrite": False})
+            except (OSError, ValueError, TypeError) as error:
+                sys.exit(f"op_grpo.py: error: --resume {folder}: cannot read the run's args.json ({error})")
+    return tyro.cli(Args, args=argv, default=defaults)
 
 
 # =========================================================================================================
@@ -541,6 +687,8 @@ def main(args: Args) -> list[dict]:
         f"on the first {n_train_steps} steps"
     )
     os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)  # first, so that --resume finds the settings of any checkpoint
 
     # ---- 1. Model, reference copy, prompts and their embeddings (the text encoders are then released)
     pipe = load_pipeline(args, device)
@@ -563,178 +711,232 @@ def main(args: Args) -> list[dict]:
     def embeds_of(prompts):
         return torch.stack([table[p][0] for p in prompts]), torch.stack([table[p][1] for p in prompts])
 
-    # ---- 2. Evaluation before any update
+    # ---- 2. Evaluation before any update, or the state of the run being resumed
     transformer.eval()
-    metrics_before, images_before, outcomes_before = evaluate(pipe, transformer, table, sets, args, eval_sigmas, device)
+    picks = np.linspace(0, len(sets["held_out"]) - 1, GRID_PICKS).round().astype(int)
+    grid_prompts = [sets["held_out"][i] for i in picks]
+    if args.resume:
+        saved = torch.load(os.path.join(args.resume, CHECKPOINT), map_location="cpu", weights_only=True)
+        missing = set(saved["trainable"]) ^ {n for n, p in transformer.named_parameters() if p.requires_grad}
+        if missing:
+            raise ValueError(f"--resume {args.resume}: its trainable weights do not match this model's: {sorted(missing)[:3]} ...")
+        transformer.load_state_dict(saved["trainable"], strict=False)  # after the reference copy: it stays the base model
+        optimizer.load_state_dict(saved["optimizer"])
+        warmup.load_state_dict(saved["scheduler"])
+        buffer.load_state_dict(saved["buffer"])
+        set_rng_states(saved["rng"], rng, generator)
+        start, history, baseline = saved["iteration"], saved["history"], saved["baseline"]
+        print(f"resumed {args.resume} at iteration {start}")
+    else:
+        metrics_before, images_before, outcomes_before = evaluate(pipe, transformer, table, sets, args, eval_sigmas, device)
+        grid_before = [torch.from_numpy(np.array(images_before["held_out"][i])) for i in picks]  # (H, W, 3) uint8
+        baseline = {"metrics": metrics_before, "outcomes": outcomes_before, "grid": grid_before}
+        start, history = 0, []
+    metrics_before, outcomes_before = baseline["metrics"], baseline["outcomes"]
     print(f"before: eval_reward {metrics_before['eval_reward']:.3f} +- {metrics_before['eval_se']:.3f} "
           f"(held-out {metrics_before['eval/held_out']:.3f}, train {metrics_before['eval/train']:.3f})")
-    history = []
     log_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
+    log_file.writelines(json.dumps(row) + "\n" for row in history)  # a resumed run's log repeats the earlier rows
 
-    progress = tqdm(range(args.iterations), desc="OP-GRPO", dynamic_ncols=True)
+    def checkpoint(next_iteration: int, rng_state: dict) -> None:
+        save_checkpoint(args.output_dir, transformer, {
+            "iteration": next_iteration, "optimizer": optimizer.state_dict(), "scheduler": warmup.state_dict(),
+            "buffer": buffer.state_dict(), "rng": rng_state, "history": history, "baseline": baseline})
+
+    # NaN/inf policy: a non-finite velocity, log-prob, reward, ratio, IS weight, KL, loss or gradient (named by
+    # require_finite) skips the rest of the iteration's update with a warning; optimizer steps already taken had
+    # finite gradients and stay. After nonfinite_patience such iterations in a row the run stops with a checkpoint.
+    skipped_in_a_row = 0
+    progress = tqdm(range(start, args.iterations), desc="OP-GRPO", dynamic_ncols=True, initial=start, total=args.iterations)
     for iteration in progress:
         timings = {}
         clock = time.perf_counter()
+        rng_at_start = rng_states(rng, generator)
+        pristine = True  # nothing but random draws has changed yet in this iteration: a crash can still be checkpointed
 
-        # ---- 3. Prompt slots: P - n_replay fresh prompts, n_replay stored prompts (fresh while the buffer is short)
-        replay_prompts = buffer.sample(n_replay, rng) if n_replay else []
-        fresh_specs = toy_world.sample_specs(train_specs, toy_world.EVAL_MIX, P - len(replay_prompts), rng)
-        slot_prompts = replay_prompts + [toy_world.describe(s) for s in fresh_specs]  # (P,), replayed slots first
-        n_rep = len(replay_prompts)
-        # fresh trajectories: G - 1 for each replayed slot, G for each fresh slot
-        fresh_prompts = [p for i, p in enumerate(slot_prompts) for _ in range(G - 1 if i < n_rep else G)]
+        try:
+            # ---- 3. Prompt slots: P - n_replay fresh prompts, n_replay stored prompts (fresh while the buffer is short)
+            replay_prompts = buffer.sample(n_replay, rng) if n_replay else []
+            fresh_specs = toy_world.sample_specs(train_specs, toy_world.EVAL_MIX, P - len(replay_prompts), rng)
+            slot_prompts = replay_prompts + [toy_world.describe(s) for s in fresh_specs]  # (P,), replayed slots first
+            n_rep = len(replay_prompts)
+            # fresh trajectories: G - 1 for each replayed slot, G for each fresh slot
+            fresh_prompts = [p for i, p in enumerate(slot_prompts) for _ in range(G - 1 if i < n_rep else G)]
 
-        # ---- 4. Rollouts with the SDE sampler; behaviour log-probs recorded as we go (these are p_old)
-        embeds, pooled = embeds_of(fresh_prompts)
-        noise = torch.randn((len(fresh_prompts), *LATENT_SHAPE), generator=generator, device=device)
-        fresh_latents, fresh_log_probs = sample_trajectories(
-            transformer, noise, sigmas, 0, embeds, pooled, args.noise_level, args.guidance_scale, uncond, generator
-        )  # (B_f, K + 1, C, H, W), (B_f, K)
-        fresh_images = decode(pipe, fresh_latents[:, -1])
-        timings["time/sampling"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        fresh_rewards = reward_fn(fresh_images, fresh_prompts).float()
-        timings["time/reward"] = time.perf_counter() - clock
-
-        # ---- 5. Replayed trajectories: p_old on the stored steps, the truncated tail regenerated by the current ODE
-        clock = time.perf_counter()
-        K_keep = K - args.truncate_steps
-        if n_rep:
-            rep_latents = torch.stack([buffer.entries[p]["latents"] for p in replay_prompts]).to(device)
-            rep_behavior = torch.stack([buffer.entries[p]["log_probs"] for p in replay_prompts]).to(device)
-            rep_embeds, rep_pooled = embeds_of(replay_prompts)
-            rep_old = torch.empty_like(rep_behavior)  # (R, K)
-            with torch.no_grad():
-                # one forward pass of the current model per step: the kept steps give the weight's p_old; the
-                # truncated ones only feed the cliff diagnostic logged below (3 passes over R samples)
-                for k in range(K):
-                    v = predict_velocity(transformer, rep_latents[:, k], sigmas[k], rep_embeds, rep_pooled, args.guidance_scale, uncond)
-                    _, rep_old[:, k], _, _ = sde_step_with_logprob(
-                        v, rep_latents[:, k], sigmas[k], sigmas[k + 1], args.noise_level, prev_sample=rep_latents[:, k + 1]
-                    )
-            timings["time/replay_old"] = time.perf_counter() - clock
+            # ---- 4. Rollouts with the SDE sampler; behaviour log-probs recorded as we go (these are p_old)
+            embeds, pooled = embeds_of(fresh_prompts)
+            noise = torch.randn((len(fresh_prompts), *LATENT_SHAPE), generator=generator, device=device)
+            fresh_latents, fresh_log_probs = sample_trajectories(
+                transformer, noise, sigmas, 0, embeds, pooled, args.noise_level, args.guidance_scale, uncond, generator
+            )  # (B_f, K + 1, C, H, W), (B_f, K)
+            fresh_images = decode(pipe, fresh_latents[:, -1])
+            timings["time/sampling"] = time.perf_counter() - clock
             clock = time.perf_counter()
-            if args.truncate_steps:
-                # Eq. 12-13: z_{t_off} kept, the rest regenerated deterministically; the new image is re-scored
-                # (paper: silent on re-scoring; we do, so that the reward belongs to the trajectory trained on)
-                tail, _ = sample_trajectories(
-                    transformer, rep_latents[:, K_keep], sigmas, K_keep, rep_embeds, rep_pooled, 0.0, args.guidance_scale, uncond, generator
-                )
-                rep_latents = torch.cat([rep_latents[:, :K_keep], tail], dim=1)
-                rep_rewards = reward_fn(decode(pipe, rep_latents[:, -1]), replay_prompts).float()
-            else:
-                rep_rewards = torch.tensor([buffer.entries[p]["reward"] for p in replay_prompts])
-            timings["time/tail"] = time.perf_counter() - clock
+            fresh_rewards = compute_rewards(reward_fn, args.reward, fresh_images, fresh_prompts)
+            timings["time/reward"] = time.perf_counter() - clock
 
-        # ---- 6. Assemble the batch: group g is slot g; in a replayed slot the stored trajectory is member 0
-        latents_list, lp_old_list, lp_beh_list, rew_list, replayed_list, prompts = [], [], [], [], [], []
-        cursor = 0
-        for slot, prompt in enumerate(slot_prompts):
-            n_fresh = G - 1 if slot < n_rep else G
-            if slot < n_rep:
-                latents_list.append(rep_latents[slot : slot + 1])
-                lp_old_list.append(rep_old[slot : slot + 1])
-                lp_beh_list.append(rep_behavior[slot : slot + 1])
-                rew_list.append(rep_rewards[slot : slot + 1])
-                replayed_list.append(torch.ones(1, dtype=torch.bool))
-            latents_list.append(fresh_latents[cursor : cursor + n_fresh])
-            lp_old_list.append(fresh_log_probs[cursor : cursor + n_fresh])
-            lp_beh_list.append(fresh_log_probs[cursor : cursor + n_fresh])
-            rew_list.append(fresh_rewards[cursor : cursor + n_fresh])
-            replayed_list.append(torch.zeros(n_fresh, dtype=torch.bool))
-            prompts += [prompt] * G
-            cursor += n_fresh
-        latents = torch.cat(latents_list)  # (B, K + 1, C, H, W)
-        log_prob_old = torch.cat(lp_old_list)  # (B, K)
-        log_prob_behavior = torch.cat(lp_beh_list)  # (B, K)
-        rewards = torch.cat(rew_list).to(device)  # (B,)
-        replayed = torch.cat(replayed_list).to(device)  # (B,)
-        keep = kept_steps(K, args.truncate_steps, replayed)  # (B, K)
-        if args.correction == "sequence":
-            is_weight = sequence_is_weight(log_prob_old, log_prob_behavior, keep)  # (B,), exactly 1 where fresh
-        else:
-            is_weight = torch.ones(B, device=device)
-        if args.correction == "naive":
-            log_prob_old = torch.where(replayed[:, None], log_prob_behavior, log_prob_old)  # clip against p_off
-        advantages = group_advantages(rewards.view(P, G)).view(B).clamp(-args.adv_clip, args.adv_clip)
-        embeds, pooled = embeds_of(prompts)
-        trained = keep & (torch.arange(K, device=device) < n_train_steps)  # (B, K): the steps in the loss
-
-        # ---- 7. Buffer admission (Eq. 7): each group's best fresh trajectory is the candidate (no buffer at rho = 0)
-        buffer.tick()
-        admitted = 0
-        for slot in range(P if n_replay else 0):
-            members = torch.arange(slot * G, (slot + 1) * G, device=device)
-            fresh = members[~replayed[members]]
-            best = fresh[rewards[fresh].argmax()]
-            admitted += buffer.offer(slot_prompts[slot], latents[best], log_prob_behavior[best], rewards[best].item())
-
-        # ---- 8. Policy update: updates_per_batch optimizer steps, each over a random 1/updates of the samples
-        clock = time.perf_counter()
-        transformer.train()
-        stats = {"loss": [], "clipfrac_on": [], "clipfrac_off": [], "approx_kl": [], "kl": []}
-        for minibatch in torch.randperm(B, generator=generator, device=device).chunk(args.updates_per_batch):
-            n_terms = trained[minibatch].sum()  # the loss averages over trained (sample, step) pairs
-            optimizer.zero_grad(set_to_none=True)
-            for k in range(K):
-                idx = minibatch[trained[minibatch, k]]
-                if len(idx) == 0:
-                    continue
-                v = predict_velocity(transformer, latents[idx, k], sigmas[k], embeds[idx], pooled[idx], args.guidance_scale, uncond)
-                _, log_prob, mean, std_dev = sde_step_with_logprob(
-                    v, latents[idx, k], sigmas[k], sigmas[k + 1], args.noise_level, prev_sample=latents[idx, k + 1]
-                )
-                surrogate, ratio = clipped_surrogate(log_prob, log_prob_old[idx, k], advantages[idx], args.clip_range)
-                # Eq. 11: the whole clipped surrogate of a replayed trajectory is scaled by its constant weight w
-                loss = (is_weight[idx] * surrogate).sum()
-                if reference is not None:
-                    with torch.no_grad():
-                        v_ref = predict_velocity(reference, latents[idx, k], sigmas[k], embeds[idx], pooled[idx], args.guidance_scale, uncond)
-                        _, _, mean_ref, _ = sde_step_with_logprob(
-                            v_ref, latents[idx, k], sigmas[k], sigmas[k + 1], args.noise_level, prev_sample=latents[idx, k + 1]
-                        )
-                    kl = gaussian_kl(mean, mean_ref, std_dev)
-                    loss = loss + args.kl_beta * kl.sum()
-                    stats["kl"].append(kl.mean().item())
-                (loss / n_terms).backward()
+            # ---- 5. Replayed trajectories: p_old on the stored steps, the truncated tail regenerated by the current ODE
+            clock = time.perf_counter()
+            K_keep = K - args.truncate_steps
+            if n_rep:
+                rep_latents = torch.stack([buffer.entries[p]["latents"] for p in replay_prompts]).to(device)
+                rep_behavior = torch.stack([buffer.entries[p]["log_probs"] for p in replay_prompts]).to(device)
+                rep_embeds, rep_pooled = embeds_of(replay_prompts)
+                rep_old = torch.empty_like(rep_behavior)  # (R, K)
                 with torch.no_grad():
-                    clipped = ((ratio - 1).abs() > args.clip_range).float()
-                    rep = replayed[idx]
-                    if (~rep).any():
-                        stats["clipfrac_on"].append(clipped[~rep].mean().item())
-                    if rep.any():
-                        stats["clipfrac_off"].append(clipped[rep].mean().item())
-                    # CleanRL's approx_kl: mean of (r - 1) - log r, a low-variance estimate of KL(old || new)
-                    stats["approx_kl"].append(((ratio - 1) - torch.log(ratio)).mean().item())
-                    stats["loss"].append(loss.item() / n_terms.item())
-            torch.nn.utils.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
-            optimizer.step()
-        warmup.step()
-        transformer.eval()
-        timings["time/update"] = time.perf_counter() - clock
+                    # one forward pass of the current model per step: the kept steps give the weight's p_old; the
+                    # truncated ones only feed the cliff diagnostic logged below (3 passes over R samples)
+                    for k in range(K):
+                        v = predict_velocity(transformer, rep_latents[:, k], sigmas[k], rep_embeds, rep_pooled, args.guidance_scale, uncond)
+                        _, rep_old[:, k], _, _ = sde_step_with_logprob(
+                            v, rep_latents[:, k], sigmas[k], sigmas[k + 1], args.noise_level, prev_sample=rep_latents[:, k + 1]
+                        )
+                        require_finite("log p_old of a replayed trajectory", rep_old[:, k], f"at step {k}")
+                timings["time/replay_old"] = time.perf_counter() - clock
+                clock = time.perf_counter()
+                if args.truncate_steps:
+                    # Eq. 12-13: z_{t_off} kept, the rest regenerated deterministically; the new image is re-scored
+                    # (paper: silent on re-scoring; we do, so that the reward belongs to the trajectory trained on)
+                    tail, _ = sample_trajectories(
+                        transformer, rep_latents[:, K_keep], sigmas, K_keep, rep_embeds, rep_pooled, 0.0, args.guidance_scale, uncond, generator
+                    )
+                    rep_latents = torch.cat([rep_latents[:, :K_keep], tail], dim=1)
+                    rep_rewards = compute_rewards(reward_fn, args.reward, decode(pipe, rep_latents[:, -1]), replay_prompts)
+                else:
+                    rep_rewards = torch.tensor([buffer.entries[p]["reward"] for p in replay_prompts])
+                timings["time/tail"] = time.perf_counter() - clock
 
-        # ---- 9. Log; evaluate every eval_every iterations and after the last
-        row = {
-            "iteration": iteration,
-            "reward_mean": fresh_rewards.mean().item(),
-            "reward_std": fresh_rewards.std().item(),
-            "loss": float(np.sum(stats["loss"])) / args.updates_per_batch,
-            "clipfrac_on_policy": float(np.mean(stats["clipfrac_on"])) if stats["clipfrac_on"] else None,
-            "clipfrac_off_policy": float(np.mean(stats["clipfrac_off"])) if stats["clipfrac_off"] else None,
-            "approx_kl": float(np.mean(stats["approx_kl"])),
-            "kl_to_reference": float(np.mean(stats["kl"])) if stats["kl"] else None,
-            "replayed_groups": n_rep,
-            "buffer_size": len(buffer),
-            "buffer_mean_age": buffer.mean_age(),
-            "buffer_admitted": admitted,
-            **timings,
-        }
-        if n_rep:
-            w = is_weight[replayed]
-            row.update({"is_weight_mean": w.mean().item(), "is_weight_min": w.min().item(), "is_weight_max": w.max().item(),
-                        "replay_reward_mean": rep_rewards.mean().item()})
-            # the late-step "cliff" (paper Fig. 2): per-step mean of log p_old - log p_off on replayed data
-            row["log_ratio_old_behavior_per_step"] = (rep_old - rep_behavior).mean(0).tolist()
+            # ---- 6. Assemble the batch: group g is slot g; in a replayed slot the stored trajectory is member 0
+            latents_list, lp_old_list, lp_beh_list, rew_list, replayed_list, prompts = [], [], [], [], [], []
+            cursor = 0
+            for slot, prompt in enumerate(slot_prompts):
+                n_fresh = G - 1 if slot < n_rep else G
+                if slot < n_rep:
+                    latents_list.append(rep_latents[slot : slot + 1])
+                    lp_old_list.append(rep_old[slot : slot + 1])
+                    lp_beh_list.append(rep_behavior[slot : slot + 1])
+                    rew_list.append(rep_rewards[slot : slot + 1])
+                    replayed_list.append(torch.ones(1, dtype=torch.bool))
+                latents_list.append(fresh_latents[cursor : cursor + n_fresh])
+                lp_old_list.append(fresh_log_probs[cursor : cursor + n_fresh])
+                lp_beh_list.append(fresh_log_probs[cursor : cursor + n_fresh])
+                rew_list.append(fresh_rewards[cursor : cursor + n_fresh])
+                replayed_list.append(torch.zeros(n_fresh, dtype=torch.bool))
+                prompts += [prompt] * G
+                cursor += n_fresh
+            latents = torch.cat(latents_list)  # (B, K + 1, C, H, W)
+            log_prob_old = torch.cat(lp_old_list)  # (B, K)
+            log_prob_behavior = torch.cat(lp_beh_list)  # (B, K)
+            rewards = torch.cat(rew_list).to(device)  # (B,)
+            replayed = torch.cat(replayed_list).to(device)  # (B,)
+            keep = kept_steps(K, args.truncate_steps, replayed)  # (B, K)
+            if args.correction == "sequence":
+                is_weight = sequence_is_weight(log_prob_old, log_prob_behavior, keep)  # (B,), exactly 1 where fresh
+            else:
+                is_weight = torch.ones(B, device=device)
+            require_finite("IS weight", is_weight)
+            if args.correction == "naive":
+                log_prob_old = torch.where(replayed[:, None], log_prob_behavior, log_prob_old)  # clip against p_off
+            advantages = group_advantages(rewards.view(P, G)).view(B).clamp(-args.adv_clip, args.adv_clip)
+            embeds, pooled = embeds_of(prompts)
+            trained = keep & (torch.arange(K, device=device) < n_train_steps)  # (B, K): the steps in the loss
+
+            # ---- 7. Buffer admission (Eq. 7): each group's best fresh trajectory is the candidate (no buffer at rho = 0)
+            pristine = False  # from here on the buffer, the weights and the optimizer change
+            buffer.tick()
+            admitted = 0
+            for slot in range(P if n_replay else 0):
+                members = torch.arange(slot * G, (slot + 1) * G, device=device)
+                fresh = members[~replayed[members]]
+                best = fresh[rewards[fresh].argmax()]
+                admitted += buffer.offer(slot_prompts[slot], latents[best], log_prob_behavior[best], rewards[best].item())
+
+            # ---- 8. Policy update: updates_per_batch optimizer steps, each over a random 1/updates of the samples
+            clock = time.perf_counter()
+            transformer.train()
+            stats = {"loss": [], "clipfrac_on": [], "clipfrac_off": [], "approx_kl": [], "kl": []}
+            for minibatch in torch.randperm(B, generator=generator, device=device).chunk(args.updates_per_batch):
+                n_terms = trained[minibatch].sum()  # the loss averages over trained (sample, step) pairs
+                optimizer.zero_grad(set_to_none=True)
+                for k in range(K):
+                    idx = minibatch[trained[minibatch, k]]
+                    if len(idx) == 0:
+                        continue
+                    v = predict_velocity(transformer, latents[idx, k], sigmas[k], embeds[idx], pooled[idx], args.guidance_scale, uncond)
+                    require_finite("velocity", v, f"in the update at step {k}")
+                    _, log_prob, mean, std_dev = sde_step_with_logprob(
+                        v, latents[idx, k], sigmas[k], sigmas[k + 1], args.noise_level, prev_sample=latents[idx, k + 1]
+                    )
+                    surrogate, ratio = clipped_surrogate(log_prob, log_prob_old[idx, k], advantages[idx], args.clip_range)
+                    require_finite("ratio p_theta / p_old", ratio, f"in the update at step {k}")
+                    # Eq. 11: the whole clipped surrogate of a replayed trajectory is scaled by its constant weight w
+                    loss = (is_weight[idx] * surrogate).sum()
+                    if reference is not None:
+                        with torch.no_grad():
+                            v_ref = predict_velocity(reference, latents[idx, k], sigmas[k], embeds[idx], pooled[idx], args.guidance_scale, uncond)
+                            _, _, mean_ref, _ = sde_step_with_logprob(
+                                v_ref, latents[idx, k], sigmas[k], sigmas[k + 1], args.noise_level, prev_sample=latents[idx, k + 1]
+                            )
+                        kl = gaussian_kl(mean, mean_ref, std_dev)
+                        require_finite("KL to the reference", kl, f"in the update at step {k}")
+                        loss = loss + args.kl_beta * kl.sum()
+                        stats["kl"].append(kl.mean().item())
+                    require_finite("loss", loss, f"in the update at step {k}")
+                    (loss / n_terms).backward()
+                    with torch.no_grad():
+                        clipped = ((ratio - 1).abs() > args.clip_range).float()
+                        rep = replayed[idx]
+                        if (~rep).any():
+                            stats["clipfrac_on"].append(clipped[~rep].mean().item())
+                        if rep.any():
+                            stats["clipfrac_off"].append(clipped[rep].mean().item())
+                        # CleanRL's approx_kl: mean of (r - 1) - log r, a low-variance estimate of KL(old || new)
+                        stats["approx_kl"].append(((ratio - 1) - torch.log(ratio)).mean().item())
+                        stats["loss"].append(loss.item() / n_terms.item())
+                grad_norm = torch.nn.utils.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
+                require_finite("gradient norm", grad_norm, "before an optimizer step (the step is not taken)")
+                optimizer.step()
+            warmup.step()
+            transformer.eval()
+            timings["time/update"] = time.perf_counter() - clock
+        except NonFiniteError as problem:
+            optimizer.zero_grad(set_to_none=True)
+            skipped_in_a_row += 1
+            tqdm.write(f"iteration {iteration}: {problem}; update skipped ({skipped_in_a_row} in a row)", file=sys.stderr)
+            row = {"iteration": iteration, "skipped": str(problem)}
+            if skipped_in_a_row >= args.nonfinite_patience:
+                history.append(row)
+                checkpoint(iteration + 1, rng_states(rng, generator))
+                raise RuntimeError(f"stopping after {skipped_in_a_row} iterations in a row with non-finite values "
+                                   f"(last: {problem}); the weights are finite and saved in {args.output_dir}/{CHECKPOINT}")
+        except BaseException:  # a crash, or a second Ctrl-C
+            if pristine:  # the state is the iteration's start: checkpoint it, with the random streams rewound
+                checkpoint(iteration, rng_at_start)
+            raise
+        else:
+            # ---- 9. Log (an iteration whose update was skipped logs only why); evaluate every eval_every iterations
+            skipped_in_a_row = 0
+            row = {
+                "iteration": iteration,
+                "reward_mean": fresh_rewards.mean().item(),
+                "reward_std": fresh_rewards.std().item(),
+                "loss": float(np.sum(stats["loss"])) / args.updates_per_batch,
+                "clipfrac_on_policy": float(np.mean(stats["clipfrac_on"])) if stats["clipfrac_on"] else None,
+                "clipfrac_off_policy": float(np.mean(stats["clipfrac_off"])) if stats["clipfrac_off"] else None,
+                "approx_kl": float(np.mean(stats["approx_kl"])),
+                "kl_to_reference": float(np.mean(stats["kl"])) if stats["kl"] else None,
+                "replayed_groups": n_rep,
+                "buffer_size": len(buffer),
+                "buffer_mean_age": buffer.mean_age(),
+                "buffer_admitted": admitted,
+                **timings,
+            }
+            if n_rep:
+                w = is_weight[replayed]
+                row.update({"is_weight_mean": w.mean().item(), "is_weight_min": w.min().item(), "is_weight_max": w.max().item(),
+                            "replay_reward_mean": rep_rewards.mean().item()})
+                # the late-step "cliff" (paper Fig. 2): per-step mean of log p_old - log p_off on replayed data
+                row["log_ratio_old_behavior_per_step"] = (rep_old - rep_behavior).mean(0).tolist()
         if (iteration + 1) % args.eval_every == 0 or iteration == args.iterations - 1:
             clock = time.perf_counter()
             eval_metrics, images_after, outcomes_after = evaluate(pipe, transformer, table, sets, args, eval_sigmas, device)
@@ -746,8 +948,15 @@ def main(args: Args) -> list[dict]:
         history.append(row)
         log_file.write(json.dumps(row) + "\n")
         log_file.flush()
-        progress.set_postfix(reward=f"{row['reward_mean']:.3f}", eval=f"{history[-1].get('eval_reward', float('nan')):.3f}")
+        progress.set_postfix(reward=f"{row.get('reward_mean', float('nan')):.3f}", eval=f"{row.get('eval_reward', float('nan')):.3f}")
+        if STOP_REQUESTED or (args.checkpoint_every and (iteration + 1) % args.checkpoint_every == 0):
+            checkpoint(iteration + 1, rng_states(rng, generator))
+        if STOP_REQUESTED:
+            print(f"stopped by {STOP_REQUESTED[0]} after iteration {iteration}; continue with: "
+                  f"python op_grpo.py --resume {args.output_dir}", file=sys.stderr)
+            return history
     log_file.close()
+    checkpoint(args.iterations, rng_states(rng, generator))  # lets --resume with a higher --iterations train on
 
     # ---- 10. Results: before/after scores per set and family, a sample grid, the fine-tuned transformer
     final = history[-1]
@@ -756,17 +965,18 @@ def main(args: Args) -> list[dict]:
           f"change {final['eval_change']:+.3f} +- {final['eval_change_se']:.3f} (paired standard error)")
     for key in sorted(k for k in final if k.startswith("eval/") and k.count("/") == 2 and not k.endswith(("/se", "/dense"))):
         print(f"  {key:28s} {metrics_before[key]:.3f} -> {final[key]:.3f}")
-    before_after_grid(sets["held_out"], images_before["held_out"], images_after["held_out"], os.path.join(args.output_dir, "before_after.png"))
+    grid_before = [Image.fromarray(t.numpy()) for t in baseline["grid"]]
+    before_after_grid(grid_prompts, grid_before, [images_after["held_out"][i] for i in picks], os.path.join(args.output_dir, "before_after.png"))
     transformer.save_pretrained(os.path.join(args.output_dir, "transformer"))
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
     return history
 
 
 if __name__ == "__main__":
-    cli_args = tyro.cli(Args)
+    cli_args = parse_cli(sys.argv[1:])
     try:
         check_args(cli_args)
     except ValueError as error:
         sys.exit(f"op_grpo.py: error: {error}")
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     main(cli_args)

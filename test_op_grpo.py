@@ -5,8 +5,10 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -461,3 +463,136 @@ def test_zero_off_policy_fraction_is_plain_on_policy_flow_grpo(tmp_path):
     for r in rows:
         assert r["replayed_groups"] == 0 and r["buffer_size"] == 0 and r["clipfrac_off_policy"] is None
         assert "is_weight_mean" not in r and math.isfinite(r["loss"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Nothing lost: determinism, checkpoints and exact resume, interruption, NaN guards, failing rewards
+# ---------------------------------------------------------------------------------------------------------
+def short_run(tmp_path, name, **overrides):
+    settings = dict(iterations=4, prompts_per_iteration=4, group_size=4, off_policy_fraction=0.5, eval_every=2,
+                    eval_per_family=2, checkpoint_every=0, output_dir=str(tmp_path / name), seed=0)
+    return Args(**{**settings, **overrides})
+
+
+def without_timings(rows):
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+
+def test_same_seed_same_metrics_and_two_plus_resume_plus_two_equals_four(tmp_path):
+    straight = op_grpo.main(short_run(tmp_path, "straight"))
+    again = op_grpo.main(short_run(tmp_path, "again"))
+    assert without_timings(again) == without_timings(straight)
+
+    op_grpo.main(short_run(tmp_path, "halves", iterations=2))
+    saved = torch.load(tmp_path / "halves" / op_grpo.CHECKPOINT, weights_only=True)
+    assert saved["iteration"] == 2 and len(saved["buffer"]["entries"]) > 0 and saved["optimizer"]["state"]
+    # the command line takes the saved settings as defaults: only the changed flag is given
+    resumed_args = op_grpo.parse_cli(["--resume", str(tmp_path / "halves"), "--iterations", "4"])
+    assert resumed_args == short_run(tmp_path, "halves", resume=str(tmp_path / "halves"))
+    resumed = op_grpo.main(resumed_args)
+    assert without_timings(resumed) == without_timings(straight)
+    logged = [json.loads(line) for line in (tmp_path / "halves" / "metrics.jsonl").read_text().splitlines()]
+    assert without_timings(logged) == without_timings(straight)  # the log holds all four rows once
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / run / "transformer" / "diffusion_pytorch_model.safetensors") for run in ("straight", "halves"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_interrupted_run_leaves_a_checkpoint_that_resumes(tmp_path):
+    folder = tmp_path / "run"
+    command = [sys.executable, os.path.join(HERE, "op_grpo.py"), "--iterations", "100", "--prompts-per-iteration", "4",
+               "--group-size", "2", "--eval-per-family", "1", "--eval-every", "100", "--checkpoint-every", "0",
+               "--output-dir", str(folder)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = folder / "metrics.jsonl"
+    for _ in range(1200):  # up to 120 s for start-up and the first iteration
+        if log.exists() and log.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    saved = torch.load(folder / op_grpo.CHECKPOINT, weights_only=True)
+    done = saved["iteration"]
+    assert 1 <= done < 100 and len(saved["history"]) == done
+    rows = op_grpo.main(op_grpo.parse_cli(["--resume", str(folder), "--iterations", str(done + 1)]))
+    assert len(rows) == done + 1 and "eval_reward" in rows[-1]
+
+
+def nan_on_call(function, call_to_break, when=lambda *a, **k: True):
+    """Wrap `function` so that its call number `call_to_break` (counting calls where `when` holds) returns NaN."""
+    calls = []
+
+    def wrapped(*a, **k):
+        out = function(*a, **k)
+        if when(*a, **k):
+            calls.append(1)
+            if len(calls) == call_to_break:
+                out = out.clone()
+                out[(0,) * out.ndim] = float("nan")
+        return out
+
+    return wrapped
+
+
+def test_a_nan_reward_is_named_and_that_update_skipped(tmp_path, monkeypatch):
+    monkeypatch.setitem(op_grpo.REWARDS, "geneval", nan_on_call(op_grpo.geneval_reward, 2))
+    rows = op_grpo.main(short_run(tmp_path, "run", iterations=3, off_policy_fraction=0.0))
+    assert "reward_mean" in rows[0] and "reward_mean" in rows[2]
+    assert rows[1]["skipped"].startswith("non-finite reward 'geneval'") and "for prompt '" in rows[1]["skipped"]
+
+
+def test_a_nan_velocity_in_the_update_is_named_and_stops_after_patience_with_finite_weights(tmp_path, monkeypatch):
+    base = {k: v.clone() for k, v in op_grpo.load_pipeline(Args(), torch.device("cpu")).transformer.state_dict().items()}
+    in_update = lambda *a, **k: torch.is_grad_enabled()
+    monkeypatch.setattr(op_grpo, "predict_velocity", nan_on_call(op_grpo.predict_velocity, 4, when=in_update))
+    with pytest.raises(RuntimeError, match="non-finite velocity in the update at step 3"):
+        op_grpo.main(short_run(tmp_path, "run", nonfinite_patience=1))
+    saved = torch.load(tmp_path / "run" / op_grpo.CHECKPOINT, weights_only=True)
+    assert saved["iteration"] == 1 and "step 3" in saved["history"][-1]["skipped"]
+    # the NaN came in the first minibatch, before any optimizer step: the saved weights are the base model's
+    assert all(torch.equal(w, base[name]) for name, w in saved["trainable"].items())
+
+
+def test_a_failing_reward_names_the_reward_and_prompt_and_keeps_a_checkpoint(tmp_path, monkeypatch):
+    def fragile(images, prompts):
+        if any("triangle" in p for p in prompts):
+            raise ZeroDivisionError("no triangles here")
+        return op_grpo.geneval_reward(images, prompts)
+
+    monkeypatch.setitem(op_grpo.REWARDS, "geneval", fragile)
+    with pytest.raises(RuntimeError, match=r"reward 'geneval' failed on prompt '[^']*triangle[^']*': ZeroDivisionError"):
+        op_grpo.main(short_run(tmp_path, "run"))
+    saved = torch.load(tmp_path / "run" / op_grpo.CHECKPOINT, weights_only=True)
+    assert saved["iteration"] == len(saved["history"])  # the failed iteration is redone on --resume
+
+
+def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path):
+    layer = torch.nn.Linear(2, 2)
+    op_grpo.save_checkpoint(str(tmp_path), layer, {"iteration": 1})
+    with torch.no_grad():
+        layer.weight[0, 0] = float("inf")
+    with pytest.raises(op_grpo.NonFiniteError, match="weight weight"):
+        op_grpo.save_checkpoint(str(tmp_path), layer, {"iteration": 2})
+    saved = torch.load(tmp_path / op_grpo.CHECKPOINT, weights_only=True)
+    assert saved["iteration"] == 1 and torch.isfinite(saved["trainable"]["weight"]).all()
+
+
+def test_runs_and_resumes_that_would_lose_work_are_rejected_before_loading(tmp_path):
+    op_grpo.save_checkpoint(str(tmp_path), torch.nn.Linear(1, 1), {"iteration": 5})
+    (tmp_path / "args.json").write_text(json.dumps({"model": "tiny", "num_steps": 10}))
+    cases = [
+        (dict(output_dir=str(tmp_path)), "--output-dir"),  # would overwrite a run
+        (dict(output_dir=str(tmp_path / "new"), resume=str(tmp_path / "missing")), "--resume"),
+        (dict(output_dir=str(tmp_path), resume=str(tmp_path), num_steps=12), "--num-steps"),
+        (dict(output_dir=str(tmp_path), resume=str(tmp_path), iterations=5), "--iterations"),
+        (dict(checkpoint_every=-1), "--checkpoint-every"),
+        (dict(nonfinite_patience=0), "--nonfinite-patience"),
+    ]
+    for overrides, flag in cases:
+        with pytest.raises(ValueError, match=flag):
+            check_args(Args(**overrides))
+    check_args(Args(output_dir=str(tmp_path), overwrite=True))
+    check_args(Args(output_dir=str(tmp_path), resume=str(tmp_path), iterations=6))
