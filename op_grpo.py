@@ -34,7 +34,9 @@ Notation (code name = paper symbol)
   rho               --off-policy-fraction: share of the P prompt slots that reuse a stored trajectory
 """
 
+import contextlib
 import copy
+import importlib.util
 import io
 import json
 import math
@@ -43,7 +45,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -59,47 +61,67 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass
 class Args:
-    """OP-GRPO fine-tuning of an SD3-family pipeline. Defaults: the embedded tiny model on 2 CPU cores, about 9 minutes."""
+    """OP-GRPO fine-tuning of an SD3-family pipeline. A flag left at None takes its --model preset (PRESETS below)."""
 
-    # --- model and reward
+    # --- model, prompts and reward
     model: Literal["tiny", "sd3"] = "tiny"
-    """tiny: the embedded toy-world SD3 in tiny_sd3/ (CPU, offline); sd3: Stable Diffusion 3.5 Medium"""
-    reward: Literal["geneval", "jpeg"] = "geneval"
-    """geneval: the toy world's dense partial-credit score; jpeg: JPEG compressibility (DDPO)"""
+    """tiny: the embedded toy-world SD3 in tiny_sd3/ (CPU, offline, ~9 min); sd3: Stable Diffusion 3.5 Medium (one GPU)"""
+    pretrained: str | None = None
+    """Hub id or local folder of an SD3-family pipeline (tiny: ./tiny_sd3, sd3: stabilityai/stable-diffusion-3.5-medium)"""
+    reward: str | None = None
+    """a reward, or a weighted sum as name=weight,...: geneval (toy world only), jpeg, pickscore (tiny: geneval, sd3: pickscore)"""
+    prompt_file: str | None = None
+    """text file, one prompt per line; None = the toy world's prompts (tiny) or the built-in DEFAULT_PROMPTS (sd3)"""
     output_dir: str = "runs/op_grpo"
-    """where metrics.jsonl, the before/after grid and the fine-tuned transformer are written"""
+    """where metrics.jsonl, checkpoints, the before/after grid and the fine-tuned weights are written"""
     seed: int = 0
     """seed for prompts, noise and the model's random state"""
+    resolution: int | None = None
+    """image side in pixels (tiny: 32, sd3: 512)"""
+    max_sequence_length: int | None = None
+    """T5 tokens per prompt; 0 = no T5, not even loaded (tiny: 0, it has none; sd3: 256, the diffusers pipeline's default)"""
+
+    # --- what trains, and in which precision
+    lora_rank: int | None = None
+    """LoRA rank on the transformer's attention projections; 0 = full fine-tuning (tiny: 0, sd3: 32 as Flow-GRPO)"""
+    lora_alpha: float | None = None
+    """LoRA alpha; None = 2 x rank (Flow-GRPO: 64 for rank 32)"""
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    """dtype of the frozen weights (VAE, text encoders, LoRA's base transformer); trainable ones stay fp32 (tiny: no, sd3: bf16)"""
+    gradient_checkpointing: bool = False
+    """recompute transformer activations in the backward pass: less memory, about 30% more update time"""
+    micro_batch: int | None = None
+    """samples per forward/backward pass in the update and per VAE decode; 0 = all at once (tiny: 0, sd3: 4)"""
 
     # --- rollouts (Flow-GRPO Sec. 4: SDE sampling)
-    iterations: int = 200
-    """rollout-and-update iterations"""
-    prompts_per_iteration: int = 8
-    """P: prompt slots per iteration (fresh or replayed)"""
-    group_size: int = 8
-    """G: images per prompt; advantages are normalised within each group"""
+    iterations: int | None = None
+    """rollout-and-update iterations (tiny: 200, sd3: 500)"""
+    prompts_per_iteration: int | None = None
+    """P: prompt slots per iteration, fresh or replayed (tiny: 8, sd3: 4)"""
+    group_size: int | None = None
+    """G: images per prompt; advantages are normalised within each group (tiny: 8, sd3: 8)"""
     num_steps: int = 10
     """K: SDE denoising steps per trajectory (Flow-GRPO: 10 for training)"""
     noise_level: float = 0.7
     """a: SDE noise scale (Flow-GRPO: 0.7)"""
-    guidance_scale: float = 1.0
-    """classifier-free guidance; 1 disables it (the tiny model is trained and evaluated without it)"""
+    guidance_scale: float | None = None
+    """classifier-free guidance in rollouts, update and evaluation; 1 disables it (tiny: 1, trained without; sd3: 4.5 as Flow-GRPO)"""
 
     # --- the GRPO update (Eqs. 5-6)
-    learning_rate: float = 1e-4
-    """AdamW learning rate (full fine-tuning of the tiny transformer)"""
+    learning_rate: float | None = None
+    """AdamW learning rate (tiny: 1e-4, full fine-tuning; sd3: 3e-4, Flow-GRPO's LoRA rate)"""
     warmup_iterations: int = 10
     """linear learning-rate warm-up over the first iterations (Adam's first steps are its largest); 0 = none"""
     updates_per_batch: int = 2
     """optimizer steps per rollout batch (Flow-GRPO: 2); each uses 1/updates of the samples and all their kept steps"""
     train_steps: int | None = None
     """the loss uses the first train_steps of the K steps; None = K - 1 (Flow-GRPO's SD3.5 recipe trains 9 of 10)"""
-    clip_range: float = 2e-3
-    """PPO clip epsilon on the per-step ratio; on the scale of per-dimension-mean log-probs (Flow-GRPO SD3.5: 1e-4)"""
+    clip_range: float | None = None
+    """PPO clip epsilon on the per-step ratio of per-dimension-mean log-probs (tiny: 2e-3 for 256 dims; sd3: 1e-4, Flow-GRPO)"""
     adv_clip: float = 5.0
     """advantages are clipped to +-adv_clip (Flow-GRPO: 5)"""
     kl_beta: float = 0.01
-    """beta of the KL penalty to the frozen initial model (Eq. 4); 0 disables it and its forward pass"""
+    """beta of the KL penalty to the frozen initial model (Eq. 4; Flow-GRPO PickScore: 0.01); 0 disables it and its pass"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
 
@@ -116,26 +138,49 @@ class Args:
     """t_off: the last steps of a replayed trajectory dropped and regenerated by the current ODE (Eq. 12); 0 = off"""
 
     # --- evaluation and logging
-    eval_every: int = 50
-    """evaluate every this many iterations (and before the first and after the last)"""
-    eval_per_family: int = 128
-    """evaluation images per prompt family and prompt set (held-out, train), fixed prompts and noise"""
-    eval_steps: int = 10
-    """ODE steps at evaluation"""
+    eval_every: int | None = None
+    """evaluate every this many iterations, and before the first and after the last (tiny: 50, sd3: 50)"""
+    eval_per_family: int | None = None
+    """evaluation images per family and prompt set (toy world; tiny: 128), or in all (prompt list; sd3: 32); fixed noise"""
+    eval_steps: int | None = None
+    """ODE steps at evaluation (tiny: 10; sd3: 40 as Flow-GRPO)"""
+    wandb_project: str | None = None
+    """also log metrics and before/after grids to this Weights & Biases project (wandb is imported only then)"""
     device: str | None = None
     """torch device; None picks cuda when available"""
     threads: int | None = None
     """CPU threads for torch; None keeps torch's default"""
 
     # --- checkpoints and failures
-    checkpoint_every: int = 50
-    """write <output-dir>/checkpoint.pt every this many iterations (also at the end and on SIGINT/SIGTERM); 0 = only those"""
+    checkpoint_every: int | None = None
+    """write <output-dir>/checkpoint.pt every this many iterations, at the end and on SIGINT/SIGTERM; 0 = only those (tiny: 50, sd3: 25)"""
     resume: str | None = None
     """continue the run saved in this folder; its args.json gives the defaults, so only changed flags need repeating"""
     overwrite: bool = False
     """allow starting afresh in an --output-dir that already holds a checkpoint (it is replaced)"""
     nonfinite_patience: int = 3
     """consecutive iterations whose update is skipped for a NaN/inf before the run stops (with a checkpoint)"""
+
+
+# Defaults per --model for the flags left at None. tiny: the embedded model on 2 CPU cores. sd3: Flow-GRPO's
+# SD3.5-Medium recipe (its config/grpo.py: LoRA r 32 / alpha 64, lr 3e-4, clip 1e-4, CFG 4.5, 10 SDE steps,
+# 40 ODE steps for evaluation, 512 px), with the batch scaled from its 24 GPUs down to one 80 GB GPU.
+PRESETS = {
+    "tiny": dict(pretrained=os.path.join(HERE, "tiny_sd3"), reward="geneval", resolution=32, max_sequence_length=0,
+                 lora_rank=0, mixed_precision="no", micro_batch=0, iterations=200, prompts_per_iteration=8, group_size=8,
+                 guidance_scale=1.0, learning_rate=1e-4, clip_range=2e-3, eval_every=50, eval_per_family=128,
+                 eval_steps=10, checkpoint_every=50),
+    "sd3": dict(pretrained="stabilityai/stable-diffusion-3.5-medium", reward="pickscore", resolution=512,
+                max_sequence_length=256, lora_rank=32, mixed_precision="bf16", micro_batch=4, iterations=500,
+                prompts_per_iteration=4, group_size=8, guidance_scale=4.5, learning_rate=3e-4, clip_range=1e-4,
+                eval_every=50, eval_per_family=32, eval_steps=40, checkpoint_every=25),
+}
+
+
+def with_presets(args: Args) -> Args:
+    """Fill every flag left at None from the --model preset."""
+    preset = {k: v for k, v in PRESETS[args.model].items() if getattr(args, k) is None}
+    return replace(args, **preset)
 
 
 # Numerical constants, named so that nothing hides in a literal.
@@ -145,6 +190,7 @@ LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 def check_args(args: Args) -> None:
     """Reject impossible settings before anything is loaded; each message names its flag."""
+    args = with_presets(args)
     problems = []
     if args.group_size < 2:
         problems.append(f"--group-size must be at least 2 (advantages compare images within a group), got {args.group_size}")
@@ -184,14 +230,33 @@ def check_args(args: Args) -> None:
     if args.nonfinite_patience < 1:
         problems.append(f"--nonfinite-patience must be at least 1, got {args.nonfinite_patience}")
     problems += check_folders(args)
-    if args.model == "sd3":
-        problems.append("--model sd3 is not available yet: this version trains the embedded tiny model (--model tiny)")
+    try:
+        rewards = parse_reward(args.reward)
+        if "geneval" in rewards and not uses_toy_world(args):
+            problems.append("--reward geneval scores the toy world's prompts: use it with --model tiny and no --prompt-file")
+    except ValueError as error:
+        problems.append(str(error))
+    if args.prompt_file is not None:
+        try:
+            if not read_prompts(args.prompt_file):
+                problems.append(f"--prompt-file {args.prompt_file} holds no prompts (one per line; blank and # lines are skipped)")
+        except (OSError, UnicodeDecodeError) as error:
+            problems.append(f"--prompt-file {args.prompt_file} cannot be read ({error})")
+    if args.resolution < 16 or args.resolution % 16:
+        problems.append(f"--resolution must be a positive multiple of 16 (VAE factor 8 x patch 2), got {args.resolution}")
+    for flag in ("lora_rank", "micro_batch", "max_sequence_length"):
+        if getattr(args, flag) < 0:
+            problems.append(f"--{flag.replace('_', '-')} must be non-negative, got {getattr(args, flag)}")
+    if args.lora_alpha is not None and args.lora_alpha <= 0:
+        problems.append(f"--lora-alpha must be positive, got {args.lora_alpha}")
+    if args.wandb_project and importlib.util.find_spec("wandb") is None:
+        problems.append("--wandb-project needs the wandb package: pip install wandb")
     if problems:
         raise ValueError("\n".join(problems))
 
 
 CHECKPOINT = "checkpoint.pt"  # in --output-dir: everything needed to continue the run exactly (see save_checkpoint)
-STRUCTURAL_FLAGS = ("model", "num_steps")  # a resumed run must keep these: the weights and the stored trajectories depend on them
+STRUCTURAL_FLAGS = ("model", "num_steps", "lora_rank", "resolution")  # a resumed run must keep these: the weights and the stored trajectories depend on them
 
 
 def check_folders(args: Args) -> list[str]:
@@ -218,6 +283,48 @@ def check_folders(args: Args) -> list[str]:
         if args.iterations <= done:
             problems.append(f"--iterations {args.iterations}: the run in {args.resume} has already done {done}; raise it to train on")
     return problems
+
+
+def parse_reward(spec: str) -> dict[str, float]:
+    """'pickscore=1.0,jpeg=0.1' -> {'pickscore': 1.0, 'jpeg': 0.1}; a bare name has weight 1."""
+    weights = {}
+    for part in spec.split(","):
+        name, _, weight = part.strip().partition("=")
+        if name not in REWARDS:
+            raise ValueError(f"--reward: unknown reward {name!r} (known: {', '.join(REWARDS)}; a sum reads pickscore=1,jpeg=0.1)")
+        try:
+            weights[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"--reward: weight {weight!r} of {name} is not a number") from None
+    return weights
+
+
+def read_prompts(path: str) -> list[str]:
+    """A prompt file: one prompt per line; blank lines and lines starting with # are skipped."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+
+
+# --model sd3 without --prompt-file: a small, varied list in the spirit of the PickScore/DrawBench prompts
+DEFAULT_PROMPTS = [
+    "a red fox sleeping in fresh snow, morning light", "a lighthouse on a cliff during a thunderstorm",
+    "a bowl of ramen with a soft-boiled egg, top view", "an astronaut riding a horse on the moon",
+    "a watercolor painting of a quiet harbor town", "a close-up portrait of an old fisherman, film photo",
+    "a cozy reading nook with a cat and a stack of books", "a glass teapot with blooming tea on a wooden table",
+    "a futuristic city at dusk with flying trains", "three ripe pears on a blue plate, still life",
+    "a hummingbird drinking from a purple flower", "a snowy mountain cabin under the northern lights",
+    "a vintage bicycle leaning against a yellow wall", "an owl wearing tiny round glasses reading a map",
+    "a bustling night market with paper lanterns", "a macro photo of a dew drop on a spider web",
+    "a sailboat on a calm lake at sunrise", "a corgi in a raincoat jumping into a puddle",
+    "a cathedral interior with sunbeams through stained glass", "a plate of colorful macarons in a bakery window",
+    "an isometric illustration of a tiny island with a windmill", "a jazz trio playing in a smoky club, oil painting",
+    "a green frog sitting on a lily pad in the rain", "a desert road with a red convertible at golden hour",
+]
+
+
+def uses_toy_world(args: Args) -> bool:
+    """The toy GenEval world supplies prompts, held-out split and strict evaluation for the tiny model by default."""
+    return args.model == "tiny" and args.prompt_file is None
 
 
 def replay_slots(args: Args) -> int:
@@ -410,7 +517,39 @@ def jpeg_reward(images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
     return -torch.tensor(sizes)
 
 
-REWARDS = {"geneval": geneval_reward, "jpeg": jpeg_reward}
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"  # CLIP-H fine-tuned on Pick-a-Pic preferences (Kirstain et al. 2023)
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the CLIP-H it was fine-tuned from: tokenizer and image transform
+PICKSCORE: dict = {}  # "model" and "processor", set by load_pickscore before training (or by a test, with a tiny CLIP)
+
+
+def load_pickscore(device: torch.device, dtype: torch.dtype) -> None:
+    from transformers import AutoProcessor, CLIPModel
+
+    PICKSCORE["processor"] = from_hub(f"the PickScore processor {PICKSCORE_PROCESSOR}", lambda: AutoProcessor.from_pretrained(PICKSCORE_PROCESSOR))
+    model = from_hub(f"the PickScore model {PICKSCORE_MODEL}", lambda: CLIPModel.from_pretrained(PICKSCORE_MODEL, dtype=dtype))
+    PICKSCORE["model"] = model.eval().requires_grad_(False).to(device)
+
+
+@torch.no_grad()
+def pickscore_reward(images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+    """PickScore: logit_scale x cos(image embedding, prompt embedding) of the preference-tuned CLIP, divided by
+    26 as Flow-GRPO does, which puts typical SD3.5 scores near 0.85."""
+    model, processor = PICKSCORE["model"], PICKSCORE["processor"]
+    inputs = processor(images=images, text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    logits = model(**inputs.to(model.device)).logits_per_image  # (B, B): logit_scale * cos(image_i, text_j)
+    return logits.diagonal().float().cpu() / 26
+
+
+REWARDS = {"geneval": geneval_reward, "jpeg": jpeg_reward, "pickscore": pickscore_reward}
+
+
+def weighted_reward(weights: dict[str, float]):
+    """One reward function from a parse_reward dict: (images, prompts) -> sum of weight x reward, (B,)."""
+
+    def reward_fn(images, prompts):
+        return sum(weight * REWARDS[name](images, prompts).float() for name, weight in weights.items())
+
+    return reward_fn
 
 
 def compute_rewards(reward_fn, name: str, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
@@ -434,29 +573,97 @@ def compute_rewards(reward_fn, name: str, images: list[Image.Image], prompts: li
 # =========================================================================================================
 # The model: loading, prompt embeddings, velocity with optional guidance, sampling, decoding
 # =========================================================================================================
+def from_hub(what: str, load):
+    """Run a from_pretrained call; a missing, gated or unreachable model becomes one line saying what to do."""
+    try:
+        return load()
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        sys.exit(f"op_grpo.py: error: cannot load {what} ({reason}). Log in with `hf auth login` (gated models such as "
+                 "SD3.5 also need their license accepted on the Hub page), or download it beforehand with `hf download <id>` "
+                 "on a machine with access and point HF_HOME at that cache, or pass a local folder to --pretrained")
+
+
+FROZEN_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# LoRA targets, the diffusers names of SD3's joint-attention projections as Flow-GRPO lists them: the image
+# stream (to_q/k/v, to_out.0) and the text stream (add_q/k/v_proj, to_add_out). SD3.5's first 13 blocks also
+# have a second, image-only self-attention `attn2` (MMDiT-X); "attn.to_q" does not match "attn2.to_q", so it
+# stays frozen, as in Flow-GRPO. The feed-forward layers and the AdaLN modulations stay frozen too.
+LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
+
+
 def load_pipeline(args: Args, device: torch.device):
-    """The embedded tiny SD3 pipeline, loaded the way an SD3.5 checkpoint is (stock from_pretrained)."""
+    """An SD3-family pipeline from the Hub or a folder, every weight in the --mixed-precision dtype; the
+    embedded tiny model is loaded exactly the way an SD3.5 checkpoint is."""
     from diffusers import StableDiffusion3Pipeline
 
-    folder = os.path.join(HERE, "tiny_sd3")
-    if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        sys.exit(f"op_grpo.py: error: the embedded model is missing from {folder}; rebuild it with `python toy_world.py`")
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None, local_files_only=True)
+    if args.model == "tiny" and not os.path.isfile(os.path.join(args.pretrained, "model_index.json")):
+        sys.exit(f"op_grpo.py: error: the embedded model is missing from {args.pretrained}; rebuild it with `python toy_world.py`")
+    dtype = FROZEN_DTYPES[args.mixed_precision]
+    no_t5 = dict(text_encoder_3=None, tokenizer_3=None) if args.max_sequence_length == 0 else {}  # T5 is not even loaded
+    pipe = from_hub(f"--pretrained {args.pretrained}", lambda: StableDiffusion3Pipeline.from_pretrained(args.pretrained, dtype=dtype, **no_t5))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
+def make_trainable(transformer, args: Args):
+    """LoRA adapters (rank > 0) or every weight become trainable, in fp32; the rest stays frozen in its dtype.
+    Returns the KL reference: a frozen copy for full fine-tuning, the model itself with adapters off for LoRA."""
+    transformer.requires_grad_(False)
+    if not args.lora_rank:
+        reference = copy.deepcopy(transformer) if args.kl_beta > 0 else None
+        transformer.float().requires_grad_(True)
+        return reference
+    from peft import LoraConfig
+
+    transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
+                                       init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    for parameter in transformer.parameters():
+        if parameter.requires_grad:  # the adapters: fp32 even when the base weights are bf16
+            parameter.data = parameter.data.float()
+    return transformer if args.kl_beta > 0 else None
+
+
+@contextlib.contextmanager
+def as_reference(transformer, reference):
+    """Inside the block, `reference` computes the frozen initial model: with LoRA (reference is transformer)
+    the adapters are switched off, so the KL needs no second copy of the weights."""
+    if reference is not transformer:
+        yield
+        return
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
+
+
+def save_weights(transformer, args: Args, folder: str) -> None:
+    """LoRA: diffusers' LoRA format, which StableDiffusion3Pipeline.load_lora_weights(folder) reads (with its
+    rank and alpha); full fine-tuning: the transformer in diffusers format."""
+    if not args.lora_rank:
+        transformer.save_pretrained(folder)
+        return
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                               transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+
+
 @torch.no_grad()
-def embed_prompts(pipe, prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Text embeddings of every prompt, computed once: prompt -> (embeds (L, D), pooled (D',)). '' is the
-    unconditional prompt used by guidance."""
+def embed_prompts(pipe, prompts: list[str], max_sequence_length: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Text embeddings of every prompt, computed once and kept on the CPU: prompt -> (embeds (L, D), pooled (D',)).
+    '' is the unconditional prompt used by guidance. L = 77 CLIP tokens + max_sequence_length T5 tokens."""
     table = {}
     for start in range(0, len(prompts), 64):
         chunk = prompts[start : start + 64]
         embeds, _, pooled, _ = pipe.encode_prompt(
-            chunk, None, None, do_classifier_free_guidance=False, max_sequence_length=toy_world.T5_TOKENS
+            chunk, None, None, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length
         )
-        table.update({p: (e, q) for p, e, q in zip(chunk, embeds, pooled)})
+        table.update({p: (e.cpu(), q.cpu()) for p, e, q in zip(chunk, embeds, pooled)})
     return table
 
 
@@ -464,7 +671,8 @@ def predict_velocity(transformer, x, sigma, embeds, pooled, guidance_scale, unco
     """v_theta(x, sigma, c), (B, C, H, W). With guidance > 1, one batched pass over conditional and
     unconditional inputs, v = v_u + g (v_c - v_u); uncond = (embeds, pooled) of the empty prompt."""
     timestep = torch.as_tensor(sigma * 1000.0, device=x.device, dtype=torch.float32).expand(len(x))
-    x = x.to(transformer.dtype)
+    x, embeds, pooled = x.to(transformer.dtype), embeds.to(transformer.dtype), pooled.to(transformer.dtype)
+    uncond = uncond and tuple(t.to(transformer.dtype) for t in uncond)
     if guidance_scale == 1.0:
         return transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds, pooled_projections=pooled).sample
     u_embeds, u_pooled = (t.expand(len(x), *t.shape) for t in uncond)
@@ -497,11 +705,20 @@ def sample_trajectories(transformer, start, sigmas, first_step, embeds, pooled, 
 
 
 @torch.no_grad()
-def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
-    """Final latents (B, C, H, W) -> PIL images through the VAE, undoing the latent shift and scale."""
-    config = pipe.vae.config
-    pixels = pipe.vae.decode(latents.to(pipe.vae.dtype) / config.scaling_factor + config.shift_factor).sample
-    return pipe.image_processor.postprocess(pixels, output_type="pil")
+def decode(pipe, latents: torch.Tensor, micro_batch: int = 0) -> list[Image.Image]:
+    """Final latents (B, C, H, W) -> PIL images through the VAE, undoing the latent shift and scale; micro_batch
+    latents at a time (0 = all)."""
+    config, images = pipe.vae.config, []
+    for chunk in latents.split(micro_batch or len(latents)):
+        pixels = pipe.vae.decode(chunk.to(pipe.vae.dtype) / config.scaling_factor + config.shift_factor).sample
+        images += pipe.image_processor.postprocess(pixels.float(), output_type="pil")
+    return images
+
+
+def latent_shape(pipe, resolution: int) -> tuple[int, int, int]:
+    """(C, H, W) of the latents for square images of `resolution` pixels."""
+    side = resolution // pipe.vae_scale_factor
+    return (pipe.transformer.config.in_channels, side, side)
 
 
 def noise_schedule(pipe, num_steps: int, device) -> torch.Tensor:
@@ -512,7 +729,7 @@ def noise_schedule(pipe, num_steps: int, device) -> torch.Tensor:
 
 
 # =========================================================================================================
-# Evaluation: strict toy-GenEval accuracy with the ODE sampler, fixed prompts and noise
+# Evaluation with the ODE sampler, fixed prompts and noise: strict toy-GenEval accuracy, or the mean reward
 # =========================================================================================================
 def eval_prompts(per_family: int, seed: int = 1234) -> dict[str, list[str]]:
     """The fixed evaluation prompts: per_family prompts per family, for the held-out and training sets."""
@@ -528,8 +745,9 @@ def eval_prompts(per_family: int, seed: int = 1234) -> dict[str, list[str]]:
 
 
 def mix_mean_and_se(per_family: dict[str, list[float]]) -> tuple[float, float]:
-    """EVAL_MIX-weighted mean of per-image scores over families, and its standard error (families as strata)."""
-    weights = {f: toy_world.EVAL_MIX[f] for f in per_family}
+    """EVAL_MIX-weighted mean of per-image scores over families, and its standard error (families as strata).
+    A prompt list has the one family "all"."""
+    weights = {f: toy_world.EVAL_MIX.get(f, 1.0) for f in per_family}
     total = sum(weights.values())
     mean = sum(w * np.mean(per_family[f]) for f, w in weights.items()) / total
     var = sum(w**2 * np.var(per_family[f]) / len(per_family[f]) for f, w in weights.items()) / total**2
@@ -537,37 +755,43 @@ def mix_mean_and_se(per_family: dict[str, list[float]]) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def evaluate(pipe, transformer, table, sets, args, sigmas, device):
-    """Strict toy-GenEval accuracy of ODE samples, per set and family, with fixed prompts and noise.
+def evaluate(pipe, transformer, table, sets, args, sigmas, device, reward_fn):
+    """ODE samples of fixed prompts from fixed noise, scored per set and family.
 
-    eval_reward is the EVAL_MIX-weighted strict accuracy averaged over the two sets and eval_se its
-    standard error. Also returns the images (for grids) and the per-image strict outcomes, so that a
-    later evaluation can be compared image by image (a paired difference has a much smaller error).
+    Toy world: strict accuracy (the verifier's 0/1), sets held_out and train, EVAL_MIX-weighted; a prompt
+    list: the training reward, one set. eval_reward is the mean over sets and eval_se its standard error.
+    Also returns the images (for grids) and the per-image outcomes, so that a later evaluation can be
+    compared image by image (a paired difference has a much smaller error).
     """
     metrics, images_by_set, outcomes = {}, {}, {}
+    chunk_size = 4 * args.micro_batch or 64
     for name, prompts in sets.items():
         generator = torch.Generator(device).manual_seed(args.seed + 99)  # the same noise at every evaluation
         images = []
-        for start in range(0, len(prompts), 64):
-            chunk = prompts[start : start + 64]
-            embeds = torch.stack([table[p][0] for p in chunk])
-            pooled = torch.stack([table[p][1] for p in chunk])
-            noise = torch.randn((len(chunk), *LATENT_SHAPE), generator=generator, device=device)
-            latents, _ = sample_trajectories(transformer, noise, sigmas, 0, embeds, pooled, 0.0, args.guidance_scale, table[""], generator)
-            images += decode(pipe, latents[:, -1])
+        for start in range(0, len(prompts), chunk_size):
+            chunk = prompts[start : start + chunk_size]
+            embeds = torch.stack([table[p][0] for p in chunk]).to(device)
+            pooled = torch.stack([table[p][1] for p in chunk]).to(device)
+            uncond = tuple(t.to(device) for t in table[""])
+            noise = torch.randn((len(chunk), *latent_shape(pipe, args.resolution)), generator=generator, device=device)
+            latents, _ = sample_trajectories(transformer, noise, sigmas, 0, embeds, pooled, 0.0, args.guidance_scale, uncond, generator)
+            images += decode(pipe, latents[:, -1], args.micro_batch)
         images_by_set[name] = images
         strict, dense = {}, {}
-        for prompt, image in zip(prompts, images):
-            family = toy_world.SPEC_BY_PROMPT[prompt].family
-            s, d = toy_world.score_prompt(prompt, image)
-            strict.setdefault(family, []).append(s)
-            dense.setdefault(family, []).append(d)
+        if uses_toy_world(args):
+            for prompt, image in zip(prompts, images):
+                family = toy_world.SPEC_BY_PROMPT[prompt].family
+                s, d = toy_world.score_prompt(prompt, image)
+                strict.setdefault(family, []).append(s)
+                dense.setdefault(family, []).append(d)
+        else:
+            strict["all"] = dense["all"] = compute_rewards(reward_fn, args.reward, images, prompts).tolist()
         outcomes[name] = strict
         metrics.update({f"eval/{name}/{family}": float(np.mean(v)) for family, v in strict.items()})
         metrics[f"eval/{name}"], metrics[f"eval/{name}/se"] = mix_mean_and_se(strict)
         metrics[f"eval/{name}/dense"] = mix_mean_and_se(dense)[0]
-    metrics["eval_reward"] = (metrics["eval/held_out"] + metrics["eval/train"]) / 2
-    metrics["eval_se"] = math.sqrt(metrics["eval/held_out/se"] ** 2 + metrics["eval/train/se"] ** 2) / 2
+    metrics["eval_reward"] = float(np.mean([metrics[f"eval/{name}"] for name in sets]))
+    metrics["eval_se"] = math.sqrt(sum(metrics[f"eval/{name}/se"] ** 2 for name in sets)) / len(sets)
     return metrics, images_by_set, outcomes
 
 
@@ -583,27 +807,24 @@ def paired_change(before: dict, after: dict) -> tuple[float, float]:
 GRID_PICKS = 16  # evaluation images shown in the before/after grid, spread evenly over the held-out prompts
 
 
-def before_after_grid(prompts, before, after, path, columns=8):
-    """Two rows of `columns` samples: before on top of after, the prompt and both strict scores underneath.
-    The three lists hold the picked images only (2 x columns each)."""
-    zoom, cell_w, gap = 4, 150, 4
-    side = before[0].width * zoom
+def before_after_grid(prompts, before, after, path, score=None, columns=8):
+    """Two rows of `columns` samples: before on top of after, the prompt and (toy world) both strict scores
+    underneath. The three lists hold the picked images only (2 x columns each); score(prompt, image) -> 0/1."""
+    side, cell_w, gap = 128, 150, 4
     cell_h = 2 * side + gap + 40
     grid = Image.new("RGB", (cell_w * columns, cell_h * 2), "white")
     draw = ImageDraw.Draw(grid)
     for i in range(len(prompts)):
         x, y = (i % columns) * cell_w, (i // columns) * cell_h
         for row, image in enumerate((before[i], after[i])):  # before on top, after below
-            grid.paste(image.resize((side, side), Image.NEAREST), (x + (cell_w - side) // 2, y + row * (side + gap)))
-        s0, s1 = toy_world.score_prompt(prompts[i], before[i])[0], toy_world.score_prompt(prompts[i], after[i])[0]
+            resample = Image.NEAREST if image.width <= side else Image.LANCZOS  # tiny images are shown as blocks
+            grid.paste(image.resize((side, side), resample), (x + (cell_w - side) // 2, y + row * (side + gap)))
         words = prompts[i].split()
         draw.text((x + 3, y + 2 * side + gap + 2), " ".join(words[:4]), fill="black")
-        draw.text((x + 3, y + 2 * side + gap + 13), " ".join(words[4:]), fill="black")
-        draw.text((x + 3, y + 2 * side + gap + 25), f"before {s0:.0f}  after {s1:.0f}", fill="black")
+        draw.text((x + 3, y + 2 * side + gap + 13), " ".join(words[4:8]), fill="black")
+        if score is not None:
+            draw.text((x + 3, y + 2 * side + gap + 25), f"before {score(prompts[i], before[i]):.0f}  after {score(prompts[i], after[i]):.0f}", fill="black")
     grid.save(path)
-
-
-LATENT_SHAPE = (4, toy_world.IMAGE_SIZE // 4, toy_world.IMAGE_SIZE // 4)  # (C, H, W) of the tiny model
 
 
 # =========================================================================================================
@@ -668,6 +889,7 @@ def parse_cli(argv: list[str]) -> Args:
 # =========================================================================================================
 def main(args: Args) -> list[dict]:
     # ---- 0. Arguments, seeds, batch arithmetic: everything that can be wrong is caught before loading
+    args = with_presets(args)
     check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -684,37 +906,57 @@ def main(args: Args) -> list[dict]:
         f"batch: {P} prompts x {G} images = {B} trajectories of {K} steps per iteration; "
         f"{n_replay} replayed groups ({G - 1} fresh + 1 stored, last {args.truncate_steps} steps regenerated) "
         f"-> {B - n_replay} fresh samples; {args.updates_per_batch} updates of {B // args.updates_per_batch} samples "
-        f"on the first {n_train_steps} steps"
+        f"on the first {n_train_steps} steps" + (f", {args.micro_batch} per pass" if args.micro_batch else "")
     )
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "args.json"), "w") as f:
         json.dump(asdict(args), f, indent=2)  # first, so that --resume finds the settings of any checkpoint
 
-    # ---- 1. Model, reference copy, prompts and their embeddings (the text encoders are then released)
+    # ---- 1. Prompts; model, trainable weights and KL reference; prompt embeddings (then the text encoders go)
+    if uses_toy_world(args):  # the toy GenEval world: training prompts drawn by family, held-out evaluation set
+        train_specs, _ = toy_world.split_specs()
+        train_prompts = sorted({toy_world.describe(s) for s in train_specs})
+        sets = eval_prompts(args.eval_per_family)
+
+        def draw_prompts(n):
+            return [toy_world.describe(s) for s in toy_world.sample_specs(train_specs, toy_world.EVAL_MIX, n, rng)]
+    else:  # a prompt list: uniform draws for training, the list cycled for a fixed evaluation set
+        train_prompts = read_prompts(args.prompt_file) if args.prompt_file else DEFAULT_PROMPTS
+        sets = {"prompts": [train_prompts[i % len(train_prompts)] for i in range(args.eval_per_family)]}
+
+        def draw_prompts(n):
+            return [rng.choice(train_prompts) for _ in range(n)]
+
     pipe = load_pipeline(args, device)
+    if "pickscore" in parse_reward(args.reward):
+        load_pickscore(device, FROZEN_DTYPES[args.mixed_precision])
+    reward_fn = weighted_reward(parse_reward(args.reward))
     transformer = pipe.transformer
-    transformer.requires_grad_(True)
-    reference = copy.deepcopy(transformer).requires_grad_(False) if args.kl_beta > 0 else None
-    train_specs, _ = toy_world.split_specs()
-    sets = eval_prompts(args.eval_per_family)
-    all_prompts = sorted({toy_world.describe(s) for s in train_specs} | {p for v in sets.values() for p in v} | {""})
-    table = {p: tuple(t.to(device) for t in e) for p, e in embed_prompts(pipe, all_prompts).items()}
-    pipe.text_encoder, pipe.text_encoder_2 = None, None  # embeddings are cached; the encoders are not needed again
-    reward_fn = REWARDS[args.reward]
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    reference = make_trainable(transformer, args)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    all_prompts = sorted(set(train_prompts) | {p for v in sets.values() for p in v} | {""})
+    table = embed_prompts(pipe, all_prompts, args.max_sequence_length)
+    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # embeddings are cached; the encoders go
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (args.warmup_iterations + 1)))
     sigmas = noise_schedule(pipe, K, device)
     eval_sigmas = noise_schedule(pipe, args.eval_steps, device)
     buffer = ReplayBuffer(args.buffer_capacity, args.reward_decay)
-    uncond = table[""]
+    uncond = tuple(t.to(device) for t in table[""])
+    shape = latent_shape(pipe, args.resolution)  # (C, H, W)
 
     def embeds_of(prompts):
-        return torch.stack([table[p][0] for p in prompts]), torch.stack([table[p][1] for p in prompts])
+        return torch.stack([table[p][0] for p in prompts]).to(device), torch.stack([table[p][1] for p in prompts]).to(device)
 
     # ---- 2. Evaluation before any update, or the state of the run being resumed
     transformer.eval()
-    picks = np.linspace(0, len(sets["held_out"]) - 1, GRID_PICKS).round().astype(int)
-    grid_prompts = [sets["held_out"][i] for i in picks]
+    grid_set = next(iter(sets))  # held_out in the toy world
+    picks = np.linspace(0, len(sets[grid_set]) - 1, GRID_PICKS).round().astype(int)
+    grid_prompts = [sets[grid_set][i] for i in picks]
     if args.resume:
         saved = torch.load(os.path.join(args.resume, CHECKPOINT), map_location="cpu", weights_only=True)
         missing = set(saved["trainable"]) ^ {n for n, p in transformer.named_parameters() if p.requires_grad}
@@ -728,13 +970,18 @@ def main(args: Args) -> list[dict]:
         start, history, baseline = saved["iteration"], saved["history"], saved["baseline"]
         print(f"resumed {args.resume} at iteration {start}")
     else:
-        metrics_before, images_before, outcomes_before = evaluate(pipe, transformer, table, sets, args, eval_sigmas, device)
-        grid_before = [torch.from_numpy(np.array(images_before["held_out"][i])) for i in picks]  # (H, W, 3) uint8
+        metrics_before, images_before, outcomes_before = evaluate(pipe, transformer, table, sets, args, eval_sigmas, device, reward_fn)
+        grid_before = [torch.from_numpy(np.array(images_before[grid_set][i])) for i in picks]  # (H, W, 3) uint8
         baseline = {"metrics": metrics_before, "outcomes": outcomes_before, "grid": grid_before}
         start, history = 0, []
     metrics_before, outcomes_before = baseline["metrics"], baseline["outcomes"]
-    print(f"before: eval_reward {metrics_before['eval_reward']:.3f} +- {metrics_before['eval_se']:.3f} "
-          f"(held-out {metrics_before['eval/held_out']:.3f}, train {metrics_before['eval/train']:.3f})")
+    print(f"before: eval_reward {metrics_before['eval_reward']:.3f} +- {metrics_before['eval_se']:.3f} ("
+          + ", ".join(f"{name} {metrics_before[f'eval/{name}']:.3f}" for name in sets) + ")")
+    tracker = None
+    if args.wandb_project:  # optional: the same rows, and sample images at every evaluation
+        import wandb
+
+        tracker = wandb.init(project=args.wandb_project, config=asdict(args), dir=args.output_dir)
     log_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
     log_file.writelines(json.dumps(row) + "\n" for row in history)  # a resumed run's log repeats the earlier rows
 
@@ -757,19 +1004,18 @@ def main(args: Args) -> list[dict]:
         try:
             # ---- 3. Prompt slots: P - n_replay fresh prompts, n_replay stored prompts (fresh while the buffer is short)
             replay_prompts = buffer.sample(n_replay, rng) if n_replay else []
-            fresh_specs = toy_world.sample_specs(train_specs, toy_world.EVAL_MIX, P - len(replay_prompts), rng)
-            slot_prompts = replay_prompts + [toy_world.describe(s) for s in fresh_specs]  # (P,), replayed slots first
+            slot_prompts = replay_prompts + draw_prompts(P - len(replay_prompts))  # (P,), replayed slots first
             n_rep = len(replay_prompts)
             # fresh trajectories: G - 1 for each replayed slot, G for each fresh slot
             fresh_prompts = [p for i, p in enumerate(slot_prompts) for _ in range(G - 1 if i < n_rep else G)]
 
             # ---- 4. Rollouts with the SDE sampler; behaviour log-probs recorded as we go (these are p_old)
             embeds, pooled = embeds_of(fresh_prompts)
-            noise = torch.randn((len(fresh_prompts), *LATENT_SHAPE), generator=generator, device=device)
+            noise = torch.randn((len(fresh_prompts), *shape), generator=generator, device=device)
             fresh_latents, fresh_log_probs = sample_trajectories(
                 transformer, noise, sigmas, 0, embeds, pooled, args.noise_level, args.guidance_scale, uncond, generator
             )  # (B_f, K + 1, C, H, W), (B_f, K)
-            fresh_images = decode(pipe, fresh_latents[:, -1])
+            fresh_images = decode(pipe, fresh_latents[:, -1], args.micro_batch)
             timings["time/sampling"] = time.perf_counter() - clock
             clock = time.perf_counter()
             fresh_rewards = compute_rewards(reward_fn, args.reward, fresh_images, fresh_prompts)
@@ -801,7 +1047,7 @@ def main(args: Args) -> list[dict]:
                         transformer, rep_latents[:, K_keep], sigmas, K_keep, rep_embeds, rep_pooled, 0.0, args.guidance_scale, uncond, generator
                     )
                     rep_latents = torch.cat([rep_latents[:, :K_keep], tail], dim=1)
-                    rep_rewards = compute_rewards(reward_fn, args.reward, decode(pipe, rep_latents[:, -1]), replay_prompts)
+                    rep_rewards = compute_rewards(reward_fn, args.reward, decode(pipe, rep_latents[:, -1], args.micro_batch), replay_prompts)
                 else:
                     rep_rewards = torch.tensor([buffer.entries[p]["reward"] for p in replay_prompts])
                 timings["time/tail"] = time.perf_counter() - clock
@@ -858,10 +1104,9 @@ def main(args: Args) -> list[dict]:
             for minibatch in torch.randperm(B, generator=generator, device=device).chunk(args.updates_per_batch):
                 n_terms = trained[minibatch].sum()  # the loss averages over trained (sample, step) pairs
                 optimizer.zero_grad(set_to_none=True)
-                for k in range(K):
-                    idx = minibatch[trained[minibatch, k]]
-                    if len(idx) == 0:
-                        continue
+                # one forward/backward pass per (step, micro-batch of the samples that train that step)
+                passes = [(k, idx) for k in range(K) for idx in minibatch[trained[minibatch, k]].split(args.micro_batch or B) if len(idx)]
+                for k, idx in passes:
                     v = predict_velocity(transformer, latents[idx, k], sigmas[k], embeds[idx], pooled[idx], args.guidance_scale, uncond)
                     require_finite("velocity", v, f"in the update at step {k}")
                     _, log_prob, mean, std_dev = sde_step_with_logprob(
@@ -872,7 +1117,7 @@ def main(args: Args) -> list[dict]:
                     # Eq. 11: the whole clipped surrogate of a replayed trajectory is scaled by its constant weight w
                     loss = (is_weight[idx] * surrogate).sum()
                     if reference is not None:
-                        with torch.no_grad():
+                        with torch.no_grad(), as_reference(transformer, reference):
                             v_ref = predict_velocity(reference, latents[idx, k], sigmas[k], embeds[idx], pooled[idx], args.guidance_scale, uncond)
                             _, _, mean_ref, _ = sde_step_with_logprob(
                                 v_ref, latents[idx, k], sigmas[k], sigmas[k + 1], args.noise_level, prev_sample=latents[idx, k + 1]
@@ -893,7 +1138,7 @@ def main(args: Args) -> list[dict]:
                         # CleanRL's approx_kl: mean of (r - 1) - log r, a low-variance estimate of KL(old || new)
                         stats["approx_kl"].append(((ratio - 1) - torch.log(ratio)).mean().item())
                         stats["loss"].append(loss.item() / n_terms.item())
-                grad_norm = torch.nn.utils.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
                 require_finite("gradient norm", grad_norm, "before an optimizer step (the step is not taken)")
                 optimizer.step()
             warmup.step()
@@ -939,7 +1184,7 @@ def main(args: Args) -> list[dict]:
                 row["log_ratio_old_behavior_per_step"] = (rep_old - rep_behavior).mean(0).tolist()
         if (iteration + 1) % args.eval_every == 0 or iteration == args.iterations - 1:
             clock = time.perf_counter()
-            eval_metrics, images_after, outcomes_after = evaluate(pipe, transformer, table, sets, args, eval_sigmas, device)
+            eval_metrics, images_after, outcomes_after = evaluate(pipe, transformer, table, sets, args, eval_sigmas, device, reward_fn)
             row.update(eval_metrics)
             row["eval_change"], row["eval_change_se"] = paired_change(outcomes_before, outcomes_after)
             row["time/eval"] = time.perf_counter() - clock
@@ -948,6 +1193,10 @@ def main(args: Args) -> list[dict]:
         history.append(row)
         log_file.write(json.dumps(row) + "\n")
         log_file.flush()
+        if tracker:
+            tracker.log({k: v for k, v in row.items() if not isinstance(v, list)}, step=iteration)
+            if "eval_reward" in row:
+                tracker.log({"samples": [wandb.Image(images_after[grid_set][i], caption=sets[grid_set][i]) for i in picks]}, step=iteration)
         progress.set_postfix(reward=f"{row.get('reward_mean', float('nan')):.3f}", eval=f"{row.get('eval_reward', float('nan')):.3f}")
         if STOP_REQUESTED or (args.checkpoint_every and (iteration + 1) % args.checkpoint_every == 0):
             checkpoint(iteration + 1, rng_states(rng, generator))
@@ -958,16 +1207,21 @@ def main(args: Args) -> list[dict]:
     log_file.close()
     checkpoint(args.iterations, rng_states(rng, generator))  # lets --resume with a higher --iterations train on
 
-    # ---- 10. Results: before/after scores per set and family, a sample grid, the fine-tuned transformer
+    # ---- 10. Results: before/after scores per set and family, a sample grid, the fine-tuned weights
     final = history[-1]
-    print(f"after:  eval_reward {final['eval_reward']:.3f} +- {final['eval_se']:.3f} "
-          f"(held-out {final['eval/held_out']:.3f}, train {final['eval/train']:.3f}); "
+    print(f"after:  eval_reward {final['eval_reward']:.3f} +- {final['eval_se']:.3f} ("
+          + ", ".join(f"{name} {final[f'eval/{name}']:.3f}" for name in sets) + "); "
           f"change {final['eval_change']:+.3f} +- {final['eval_change_se']:.3f} (paired standard error)")
     for key in sorted(k for k in final if k.startswith("eval/") and k.count("/") == 2 and not k.endswith(("/se", "/dense"))):
         print(f"  {key:28s} {metrics_before[key]:.3f} -> {final[key]:.3f}")
     grid_before = [Image.fromarray(t.numpy()) for t in baseline["grid"]]
-    before_after_grid(grid_prompts, grid_before, [images_after["held_out"][i] for i in picks], os.path.join(args.output_dir, "before_after.png"))
-    transformer.save_pretrained(os.path.join(args.output_dir, "transformer"))
+    grid_path = os.path.join(args.output_dir, "before_after.png")
+    score = (lambda prompt, image: toy_world.score_prompt(prompt, image)[0]) if uses_toy_world(args) else None
+    before_after_grid(grid_prompts, grid_before, [images_after[grid_set][i] for i in picks], grid_path, score)
+    save_weights(transformer, args, os.path.join(args.output_dir, "lora" if args.lora_rank else "transformer"))
+    if tracker:
+        tracker.log({"before_after": wandb.Image(grid_path)})
+        tracker.finish()
     return history
 
 

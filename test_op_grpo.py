@@ -1,6 +1,7 @@
 """Tests of op_grpo.py and toy_world.py: the ratio math against closed forms first, then the pieces, then
 short runs of the whole job. Run with `python -m pytest -q test_op_grpo.py`."""
 
+import dataclasses
 import json
 import math
 import os
@@ -316,7 +317,13 @@ def test_cli_parses_the_documented_flags():
     assert args.correction == "naive" and args.model == "tiny"
     check_args(args)
     with pytest.raises(SystemExit):
-        tyro.cli(Args, args=["--reward", "nonsense"])
+        tyro.cli(Args, args=["--correction", "nonsense"])
+    assert op_grpo.parse_reward("pickscore=1.0, jpeg=0.1") == {"pickscore": 1.0, "jpeg": 0.1}
+    assert op_grpo.parse_reward("jpeg") == {"jpeg": 1.0}
+    # flags left at None take the --model preset; given ones win
+    sd3 = op_grpo.with_presets(tyro.cli(Args, args=["--model", "sd3", "--group-size", "12"]))
+    assert (sd3.lora_rank, sd3.guidance_scale, sd3.clip_range, sd3.eval_steps, sd3.resolution, sd3.group_size) == (32, 4.5, 1e-4, 40, 512, 12)
+    assert sd3.pretrained == "stabilityai/stable-diffusion-3.5-medium" and sd3.reward == "pickscore"
 
 
 @pytest.mark.parametrize(
@@ -334,7 +341,13 @@ def test_cli_parses_the_documented_flags():
         (["--clip-range", "0"], "--clip-range"),
         (["--noise-level", "0"], "--noise-level"),
         (["--kl-beta", "-1"], "--kl-beta"),
-        (["--model", "sd3"], "--model"),
+        (["--reward", "nonsense"], "--reward"),
+        (["--reward", "jpeg=lots"], "--reward"),
+        (["--model", "sd3", "--reward", "geneval"], "--reward geneval"),
+        (["--prompt-file", "/nonexistent/prompts.txt"], "--prompt-file"),
+        (["--resolution", "40"], "--resolution"),
+        (["--lora-rank", "-1"], "--lora-rank"),
+        (["--micro-batch", "-2"], "--micro-batch"),
     ],
 )
 def test_impossible_settings_are_rejected_with_the_flag_named(flags, flag_named):
@@ -488,7 +501,7 @@ def test_same_seed_same_metrics_and_two_plus_resume_plus_two_equals_four(tmp_pat
     assert saved["iteration"] == 2 and len(saved["buffer"]["entries"]) > 0 and saved["optimizer"]["state"]
     # the command line takes the saved settings as defaults: only the changed flag is given
     resumed_args = op_grpo.parse_cli(["--resume", str(tmp_path / "halves"), "--iterations", "4"])
-    assert resumed_args == short_run(tmp_path, "halves", resume=str(tmp_path / "halves"))
+    assert resumed_args == op_grpo.with_presets(short_run(tmp_path, "halves", resume=str(tmp_path / "halves")))
     resumed = op_grpo.main(resumed_args)
     assert without_timings(resumed) == without_timings(straight)
     logged = [json.loads(line) for line in (tmp_path / "halves" / "metrics.jsonl").read_text().splitlines()]
@@ -545,7 +558,7 @@ def test_a_nan_reward_is_named_and_that_update_skipped(tmp_path, monkeypatch):
 
 
 def test_a_nan_velocity_in_the_update_is_named_and_stops_after_patience_with_finite_weights(tmp_path, monkeypatch):
-    base = {k: v.clone() for k, v in op_grpo.load_pipeline(Args(), torch.device("cpu")).transformer.state_dict().items()}
+    base = {k: v.clone() for k, v in op_grpo.load_pipeline(op_grpo.with_presets(Args()), torch.device("cpu")).transformer.state_dict().items()}
     in_update = lambda *a, **k: torch.is_grad_enabled()
     monkeypatch.setattr(op_grpo, "predict_velocity", nan_on_call(op_grpo.predict_velocity, 4, when=in_update))
     with pytest.raises(RuntimeError, match="non-finite velocity in the update at step 3"):
@@ -582,7 +595,7 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path):
 
 def test_runs_and_resumes_that_would_lose_work_are_rejected_before_loading(tmp_path):
     op_grpo.save_checkpoint(str(tmp_path), torch.nn.Linear(1, 1), {"iteration": 5})
-    (tmp_path / "args.json").write_text(json.dumps({"model": "tiny", "num_steps": 10}))
+    (tmp_path / "args.json").write_text(json.dumps(dataclasses.asdict(op_grpo.with_presets(Args()))))
     cases = [
         (dict(output_dir=str(tmp_path)), "--output-dir"),  # would overwrite a run
         (dict(output_dir=str(tmp_path / "new"), resume=str(tmp_path / "missing")), "--resume"),
@@ -596,3 +609,137 @@ def test_runs_and_resumes_that_would_lose_work_are_rejected_before_loading(tmp_p
             check_args(Args(**overrides))
     check_args(Args(output_dir=str(tmp_path), overwrite=True))
     check_args(Args(output_dir=str(tmp_path), resume=str(tmp_path), iterations=6))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The --model sd3 code path (LoRA, guidance, PickScore, LoRA files), run on the embedded tiny SD3 pipeline
+# ---------------------------------------------------------------------------------------------------------
+def sd3_path_args(tmp_path, **overrides):
+    """--model sd3 with its code path pointed at the local tiny pipeline (no hub)."""
+    settings = dict(model="sd3", pretrained=os.path.join(HERE, "tiny_sd3"), resolution=32, max_sequence_length=0,
+                    mixed_precision="no", lora_rank=4, output_dir=str(tmp_path / "run"))
+    return op_grpo.with_presets(Args(**{**settings, **overrides}))
+
+
+def tiny_inputs(pipe, batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, *op_grpo.latent_shape(pipe, 32)), generator=g)
+    table = op_grpo.embed_prompts(pipe, ["a red circle", "two blue squares", "a green triangle", ""], 0)
+    embeds = torch.stack([table[p][0] for p in list(table)[:batch]])
+    pooled = torch.stack([table[p][1] for p in list(table)[:batch]])
+    return x, embeds, pooled, table[""]
+
+
+def test_lora_attaches_to_the_attention_projections_and_only_it_trains(tmp_path):
+    args = sd3_path_args(tmp_path, mixed_precision="bf16")
+    pipe = op_grpo.load_pipeline(args, torch.device("cpu"))
+    transformer = pipe.transformer
+    linear = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    expected = {n for n in linear if n.split(".")[-2:] in (["attn", "to_q"], ["attn", "to_k"], ["attn", "to_v"], ["attn", "add_q_proj"],
+                ["attn", "add_k_proj"], ["attn", "add_v_proj"], ["attn", "to_add_out"])} | {n for n in linear if n.endswith(".attn.to_out.0")}
+    assert op_grpo.make_trainable(transformer, args) is transformer  # the KL reference is the same model, adapters off
+    trainable = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+    adapted = {n.split(".lora_")[0] for n in trainable}
+    assert adapted == expected and len(expected) == 4 * 8 - 1  # 4 blocks x 8 projections; the last has no to_add_out
+    assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())  # adapters fp32 ...
+    frozen = [p for p in transformer.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)  # ... over bf16 base weights
+    assert not any("attn2" in n or ".ff." in n for n in adapted)
+
+
+def test_disabling_the_adapters_reproduces_the_base_model_exactly(tmp_path):
+    args = sd3_path_args(tmp_path)
+    base_pipe, pipe = (op_grpo.load_pipeline(args, torch.device("cpu")) for _ in range(2))
+    transformer = pipe.transformer
+    reference = op_grpo.make_trainable(transformer, args)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.1)  # a trained-looking adapter: B starts at zero
+    x, embeds, pooled, _ = tiny_inputs(pipe)
+    with torch.no_grad():
+        v_base = op_grpo.predict_velocity(base_pipe.transformer, x, 0.6, embeds, pooled, 1.0)
+        v_adapted = op_grpo.predict_velocity(transformer, x, 0.6, embeds, pooled, 1.0)
+        with op_grpo.as_reference(transformer, reference):
+            v_reference = op_grpo.predict_velocity(reference, x, 0.6, embeds, pooled, 1.0)
+        v_after = op_grpo.predict_velocity(transformer, x, 0.6, embeds, pooled, 1.0)
+    assert torch.equal(v_reference, v_base)
+    assert not torch.allclose(v_adapted, v_base, atol=1e-4)
+    assert torch.equal(v_after, v_adapted)  # the adapters are back on, and trainable
+    assert all(p.requires_grad for n, p in transformer.named_parameters() if ".lora_" in n)
+
+
+def test_guidance_with_the_real_transformer_is_the_hand_computed_combination(tmp_path):
+    pipe = op_grpo.load_pipeline(sd3_path_args(tmp_path), torch.device("cpu"))
+    x, embeds, pooled, uncond = tiny_inputs(pipe)
+    with torch.no_grad():
+        v = op_grpo.predict_velocity(pipe.transformer, x, 0.4, embeds, pooled, 4.5, uncond)
+        v_c = op_grpo.predict_velocity(pipe.transformer, x, 0.4, embeds, pooled, 1.0)
+        v_u = op_grpo.predict_velocity(pipe.transformer, x, 0.4, uncond[0].expand_as(embeds), uncond[1].expand_as(pooled), 1.0)
+    # batch-size-dependent float32 kernels differ by ~1e-5 per pass; the factor 4.5 amplifies that
+    torch.testing.assert_close(v, v_u + 4.5 * (v_c - v_u), atol=2e-4, rtol=1e-4)
+    assert (v - v_c).abs().mean() > 100 * 2e-4  # and guidance does change the velocity
+
+
+def test_sd3_path_run_saves_a_lora_that_load_lora_weights_reproduces(tmp_path):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("# three prompts\na red circle\n\ntwo blue squares\na green triangle above a yellow circle\n")
+    args = sd3_path_args(tmp_path, prompt_file=str(prompt_file), reward="jpeg",
+                         guidance_scale=2.0, iterations=2, prompts_per_iteration=4, group_size=2, micro_batch=3,
+                         off_policy_fraction=0.5, eval_every=2, eval_per_family=4)
+    rows = op_grpo.main(args)
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows) and "eval/prompts" in rows[-1]
+    saved = torch.load(tmp_path / "run" / op_grpo.CHECKPOINT, weights_only=True)
+
+    trained_pipe = op_grpo.load_pipeline(args, torch.device("cpu"))
+    op_grpo.make_trainable(trained_pipe.transformer, args)
+    trained_pipe.transformer.load_state_dict(saved["trainable"], strict=False)
+    loaded_pipe = op_grpo.load_pipeline(args, torch.device("cpu"))
+    loaded_pipe.load_lora_weights(str(tmp_path / "run" / "lora"))  # the stock diffusers loader
+    base_pipe = op_grpo.load_pipeline(args, torch.device("cpu"))
+    x, embeds, pooled, _ = tiny_inputs(base_pipe)
+    with torch.no_grad():
+        v_trained, v_loaded, v_base = (op_grpo.predict_velocity(p.transformer, x, 0.5, embeds, pooled, 1.0)
+                                       for p in (trained_pipe, loaded_pipe, base_pipe))
+    torch.testing.assert_close(v_loaded, v_trained, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(v_trained, v_base, atol=1e-7)  # two iterations moved the adapters
+
+
+def test_pickscore_wrapper_and_weighted_sum_on_a_tiny_random_clip(monkeypatch):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(HERE, "tiny_sd3", "tokenizer"))
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=16)).eval()
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    monkeypatch.setitem(op_grpo.PICKSCORE, "model", model)
+    monkeypatch.setitem(op_grpo.PICKSCORE, "processor", processor)
+    prompts = ["a red circle", "two blue squares", "a green triangle"]
+    images = [toy_world.render(toy_world.SPEC_BY_PROMPT[p], random.Random(i)) for i, p in enumerate(prompts)]
+    rewards = op_grpo.pickscore_reward(images, prompts)
+    # independently: normalised projected embeddings, their cosine times exp(logit_scale), over 26
+    with torch.no_grad():
+        pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        tokens = tokenizer(prompts, padding=True, return_tensors="pt")
+        image_emb = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        text_emb = model.text_projection(model.text_model(**tokens).pooler_output)
+        cosine = torch.nn.functional.cosine_similarity(image_emb, text_emb)
+    torch.testing.assert_close(rewards, model.logit_scale.exp() * cosine / 26, atol=1e-5, rtol=1e-5)
+    combined = op_grpo.weighted_reward(op_grpo.parse_reward("pickscore=1.0,jpeg=0.1"))(images, prompts)
+    torch.testing.assert_close(combined, rewards + 0.1 * op_grpo.jpeg_reward(images, prompts))
+
+
+def test_a_model_that_cannot_be_fetched_gives_one_line_saying_what_to_do(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_cache")}
+    result = subprocess.run([sys.executable, os.path.join(HERE, "op_grpo.py"), "--model", "sd3", "--output-dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    message = [line for line in result.stderr.splitlines() if line.startswith("op_grpo.py: error:")]
+    assert len(message) == 1 and "stabilityai/stable-diffusion-3.5-medium" in message[0]
+    assert "hf auth login" in message[0] and "--pretrained" in message[0]
