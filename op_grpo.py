@@ -15,6 +15,7 @@ What it does
 Commands
   python op_grpo.py                                   # embedded tiny SD3 on the toy GenEval world, CPU, ~9 min
   python op_grpo.py --off-policy-fraction 0           # the same run as plain on-policy Flow-GRPO
+  python op_grpo.py --model sd3                       # Stable Diffusion 3.5 Medium with LoRA and PickScore, one GPU
   python -m pytest -q test_op_grpo.py                 # the tests
 
 Notation (code name = paper symbol)
