@@ -476,8 +476,9 @@ class ReplayBuffer:
                 return False
             del self.entries[lowest]
         self.entries[prompt] = {
-            "latents": latents.detach().cpu(),
-            "log_probs": log_probs.detach().cpu(),
+            # clone: a row of the batch is a view that would keep (and checkpoint) the whole batch's storage
+            "latents": latents.detach().cpu().clone(),
+            "log_probs": log_probs.detach().cpu().clone(),
             "reward": float(reward),
             "born": self.clock,
         }

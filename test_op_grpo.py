@@ -274,6 +274,16 @@ def test_buffer_keeps_one_entry_per_prompt_and_only_a_better_one():
     assert buffer.entries["a red circle"]["latents"][0, 0, 0, 0] == 3
 
 
+def test_buffer_entries_own_their_memory():
+    batch_latents, batch_log_probs = torch.randn(64, 11, 4, 8, 8), torch.randn(64, 10)
+    buffer = ReplayBuffer(capacity=4, decay=0.0)
+    buffer.offer("p", batch_latents[3], batch_log_probs[3], reward=1.0)
+    entry = buffer.entries["p"]
+    assert entry["latents"].untyped_storage().nbytes() == 11 * 4 * 8 * 8 * 4  # one trajectory, not the batch
+    assert entry["log_probs"].untyped_storage().nbytes() == 10 * 4
+    assert torch.equal(entry["latents"], batch_latents[3])
+
+
 def test_buffer_evicts_the_lowest_when_full():
     buffer = ReplayBuffer(capacity=3, decay=0.0)
     for prompt, reward in [("p1", 0.3), ("p2", 0.1), ("p3", 0.2)]:
