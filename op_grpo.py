@@ -199,11 +199,6 @@ def check_args(args: Args) -> None:
         problems.append(f"--prompts-per-iteration must be at least 1, got {args.prompts_per_iteration}")
     if not 0.0 <= args.off_policy_fraction < 1.0:
         problems.append(f"--off-policy-fraction must be in [0, 1), got {args.off_policy_fraction}")
-    elif args.off_policy_fraction > 0 and replay_slots(args) == 0:
-        problems.append(
-            f"--off-policy-fraction {args.off_policy_fraction} of --prompts-per-iteration {args.prompts_per_iteration}"
-            " rounds to 0 replayed groups; raise one of them or use 0"
-        )
     if args.num_steps < 2:
         problems.append(f"--num-steps must be at least 2, got {args.num_steps}")
     if args.train_steps is not None and not 1 <= args.train_steps <= args.num_steps:
@@ -328,9 +323,14 @@ def uses_toy_world(args: Args) -> bool:
     return args.model == "tiny" and args.prompt_file is None
 
 
-def replay_slots(args: Args) -> int:
-    """Prompt slots per iteration that reuse a stored trajectory: round(rho * P)."""
-    return round(args.off_policy_fraction * args.prompts_per_iteration)
+def replay_slots(args: Args, rng: random.Random) -> int:
+    """Prompt slots of this iteration that reuse a stored trajectory: floor(rho P), plus one with probability
+    frac(rho P), so that any rho replays rho P groups per iteration on average (the paper's 5% of 8 slots is
+    0.4). A whole rho P draws no random number."""
+    expected = args.off_policy_fraction * args.prompts_per_iteration
+    whole = math.floor(expected + 1e-9)  # 1e-9: 0.1 * 10 is 1.0000000000000002 in floating point
+    fraction = expected - whole
+    return whole + int(fraction > 1e-9 and rng.random() < fraction)
 
 
 # =========================================================================================================
@@ -900,14 +900,14 @@ def main(args: Args) -> list[dict]:
     torch.manual_seed(args.seed)
     generator = torch.Generator(device).manual_seed(args.seed)
     P, G, K = args.prompts_per_iteration, args.group_size, args.num_steps
-    n_replay = replay_slots(args)
+    n_replay = args.off_policy_fraction * P  # replayed groups per iteration, on average
     # the last step, the sharpest Gaussian and the one least able to change the image, is left out by default
     n_train_steps = args.train_steps or K - 1
     B = P * G
     print(
         f"batch: {P} prompts x {G} images = {B} trajectories of {K} steps per iteration; "
-        f"{n_replay} replayed groups ({G - 1} fresh + 1 stored, last {args.truncate_steps} steps regenerated) "
-        f"-> {B - n_replay} fresh samples; {args.updates_per_batch} updates of {B // args.updates_per_batch} samples "
+        f"{n_replay:g} replayed groups ({G - 1} fresh + 1 stored, last {args.truncate_steps} steps regenerated) "
+        f"-> {B - n_replay:g} fresh samples; {args.updates_per_batch} updates of {B // args.updates_per_batch} samples "
         f"on the first {n_train_steps} steps" + (f", {args.micro_batch} per pass" if args.micro_batch else "")
     )
     os.makedirs(args.output_dir, exist_ok=True)
@@ -1005,7 +1005,7 @@ def main(args: Args) -> list[dict]:
 
         try:
             # ---- 3. Prompt slots: P - n_replay fresh prompts, n_replay stored prompts (fresh while the buffer is short)
-            replay_prompts = buffer.sample(n_replay, rng) if n_replay else []
+            replay_prompts = buffer.sample(replay_slots(args, rng), rng) if args.off_policy_fraction else []
             slot_prompts = replay_prompts + draw_prompts(P - len(replay_prompts))  # (P,), replayed slots first
             n_rep = len(replay_prompts)
             # fresh trajectories: G - 1 for each replayed slot, G for each fresh slot
@@ -1093,7 +1093,7 @@ def main(args: Args) -> list[dict]:
             pristine = False  # from here on the buffer, the weights and the optimizer change
             buffer.tick()
             admitted = 0
-            for slot in range(P if n_replay else 0):
+            for slot in range(P if args.off_policy_fraction else 0):
                 members = torch.arange(slot * G, (slot + 1) * G, device=device)
                 fresh = members[~replayed[members]]
                 best = fresh[rewards[fresh].argmax()]
@@ -1184,6 +1184,7 @@ def main(args: Args) -> list[dict]:
                             "replay_reward_mean": rep_rewards.mean().item()})
                 # the late-step "cliff" (paper Fig. 2): per-step mean of log p_old - log p_off on replayed data
                 row["log_ratio_old_behavior_per_step"] = (rep_old - rep_behavior).mean(0).tolist()
+                row["log_ratio_old_behavior_per_step_std"] = (rep_old - rep_behavior).std(0, correction=0).tolist()
         if (iteration + 1) % args.eval_every == 0 or iteration == args.iterations - 1:
             clock = time.perf_counter()
             eval_metrics, images_after, outcomes_after = evaluate(pipe, transformer, table, sets, args, eval_sigmas, device, reward_fn)

@@ -274,6 +274,16 @@ def test_buffer_keeps_one_entry_per_prompt_and_only_a_better_one():
     assert buffer.entries["a red circle"]["latents"][0, 0, 0, 0] == 3
 
 
+def test_replay_slots_average_rho_times_p_and_whole_values_draw_nothing():
+    rng = random.Random(0)
+    draws = [op_grpo.replay_slots(Args(off_policy_fraction=0.05, prompts_per_iteration=8), rng) for _ in range(20000)]
+    assert set(draws) == {0, 1} and abs(np.mean(draws) - 0.4) < 4 * math.sqrt(0.24 / 20000)
+    state = rng.getstate()
+    assert op_grpo.replay_slots(Args(off_policy_fraction=0.25, prompts_per_iteration=8), rng) == 2
+    assert op_grpo.replay_slots(Args(off_policy_fraction=0.1, prompts_per_iteration=10), rng) == 1
+    assert rng.getstate() == state  # the default run's random stream is untouched
+
+
 def test_buffer_entries_own_their_memory():
     batch_latents, batch_log_probs = torch.randn(64, 11, 4, 8, 8), torch.randn(64, 10)
     buffer = ReplayBuffer(capacity=4, decay=0.0)
@@ -342,7 +352,6 @@ def test_cli_parses_the_documented_flags():
         (["--group-size", "1"], "--group-size"),
         (["--off-policy-fraction", "1.0"], "--off-policy-fraction"),
         (["--off-policy-fraction", "-0.1"], "--off-policy-fraction"),
-        (["--off-policy-fraction", "0.05", "--prompts-per-iteration", "4"], "--off-policy-fraction"),
         (["--truncate-steps", "10"], "--truncate-steps"),
         (["--num-steps", "1", "--truncate-steps", "0"], "--num-steps"),
         (["--updates-per-batch", "1000"], "--updates-per-batch"),

@@ -1,0 +1,248 @@
+"""OP-GRPO against on-policy Flow-GRPO on the toy GenEval task, the paper's ablations, and the late-step cliff.
+
+  python benchmark.py             # the full benchmark: about 85 minutes on 2 CPU cores
+  python benchmark.py --quick     # a smoke run of every arm, a few minutes
+
+Every run is `python op_grpo.py <flags> --threads 1` in a process of its own, `--parallel` (2) at a time: the two
+arms of a seed run side by side, so that they share the machine's load and their wall-clock times compare.
+A run whose metrics are complete is not run again, so an interrupted benchmark continues where it stopped.
+Writes the results (JSON) and three plots: evaluation reward vs iteration and vs training seconds, the per-step
+log p_old - log p_off of replayed trajectories, and the time per iteration by stage.
+"""
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import tyro
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# The two arms: the same fresh samples per iteration, the same iterations; OP-GRPO's defaults are op_grpo.py's.
+ARMS = {"flow_grpo": ["--off-policy-fraction", "0"], "op_grpo": []}
+# The paper's ablations of OP-GRPO (one seed each): rho 0.25 is the op_grpo arm itself.
+ABLATIONS = {
+    "no_correction": ["--correction", "none"],  # w = 1: no sequence-level importance weight
+    "naive_ratio": ["--correction", "naive"],  # p_theta / p_off inside the clip
+    "no_truncation": ["--truncate-steps", "0"],  # every step of a replayed trajectory is kept
+    "rho_0.05": ["--off-policy-fraction", "0.05"],
+    "rho_0.5": ["--off-policy-fraction", "0.5"],
+}
+STAGES = ["time/sampling", "time/reward", "time/replay_old", "time/tail", "time/update"]  # what one iteration costs
+
+
+@dataclass
+class BenchArgs:
+    """Flow-GRPO vs OP-GRPO on the embedded tiny SD3 (toy GenEval reward), with ablations."""
+
+    quick: bool = False
+    """smoke run: one seed, 4 iterations, tiny evaluations; writes under <output-dir>_quick, not to assets/"""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """seeds of the two main arms (the ablations use the first)"""
+    iterations: int = 200
+    """iterations of every run (the default run's budget)"""
+    eval_every: int = 20
+    """evaluation interval: the resolution of "iterations to reach" (0.1 of the budget)"""
+    eval_per_family: int = 128
+    """evaluation images per family and prompt set (1,024 per evaluation)"""
+    parallel: int = 2
+    """runs at a time, one CPU thread each"""
+    output_dir: str = "runs/benchmark"
+    """the runs' output folders"""
+    assets_dir: str = "assets"
+    """where benchmark_results.json and the plots go"""
+
+
+def run_one(name: str, seed: int, flags: list[str], args: BenchArgs) -> str:
+    """One op_grpo.py run in its own process; skipped when its metrics are already complete."""
+    folder = os.path.join(args.output_dir, f"{name}_seed{seed}")
+    if len(load_rows(folder)) == args.iterations and "eval_reward" in load_rows(folder)[-1]:
+        return folder
+    command = [sys.executable, os.path.join(HERE, "op_grpo.py"), "--output-dir", folder, "--overwrite", "--seed", str(seed),
+               "--iterations", str(args.iterations), "--eval-every", str(args.eval_every),
+               "--eval-per-family", str(args.eval_per_family), "--threads", "1", "--checkpoint-every", "0", *flags]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "log.txt"), "w") as log:
+        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
+    print(f"  done: {name} seed {seed}", flush=True)
+    return folder
+
+
+def load_rows(folder: str) -> list[dict]:
+    path = os.path.join(folder, "metrics.jsonl")
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def curve(rows: list[dict]) -> dict:
+    """Evaluation points of a run: iterations trained, eval_reward, and training seconds (evaluation excluded)."""
+    train_seconds = np.cumsum([sum(r.get(k, 0.0) for k in STAGES) for r in rows])
+    points = [(0, rows[0]["eval_reward"], 0.0)]  # row 0 carries the evaluation before any update
+    points += [(r["iteration"] + 1, r["eval_reward"], float(train_seconds[i])) for i, r in enumerate(rows) if "time/eval" in r]
+    iterations, reward, seconds = (list(x) for x in zip(*points))
+    return {"iterations": iterations, "eval_reward": reward, "train_seconds": seconds, "final_se": rows[-1]["eval_se"],
+            "final_change": rows[-1]["eval_change"], "final_change_se": rows[-1]["eval_change_se"]}
+
+
+def first_reach(c: dict, target: float):
+    """(iterations, seconds) at the first evaluation of curve c at or above target; None if never."""
+    for it, reward, seconds in zip(c["iterations"], c["eval_reward"], c["train_seconds"]):
+        if it > 0 and reward >= target:
+            return it, seconds
+    return None
+
+
+def mean_of(rows: list[dict], key: str):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
+def summarise(args: BenchArgs, folders: dict) -> dict:
+    rows = {key: load_rows(folder) for key, folder in folders.items()}
+    curves = {key: curve(r) for key, r in rows.items()}
+    per_seed = []
+    for seed in args.seeds:
+        flow, op = curves[("flow_grpo", seed)], curves[("op_grpo", seed)]
+        target = flow["eval_reward"][-1]
+        reached = first_reach(op, target)
+        per_seed.append({
+            "seed": seed, "flow_grpo_final": target, "op_grpo_final": op["eval_reward"][-1],
+            "flow_grpo_final_se": flow["final_se"], "op_grpo_final_se": op["final_se"],
+            # the paper's measure: OP-GRPO's iterations (and time) to Flow-GRPO's final score, over Flow-GRPO's
+            "iteration_ratio": reached[0] / flow["iterations"][-1] if reached else None,
+            "wall_clock_ratio": reached[1] / flow["train_seconds"][-1] if reached else None,
+            "flow_grpo_mean_curve": float(np.mean(flow["eval_reward"][1:])), "op_grpo_mean_curve": float(np.mean(op["eval_reward"][1:])),
+        })
+
+    def median_ratio(key):  # a seed that never reaches the target counts as infinitely slow
+        value = statistics.median([s[key] if s[key] is not None else math.inf for s in per_seed])
+        return None if math.isinf(value) else value
+
+    finals = {arm: mean_se([s[f"{arm}_final"] for s in per_seed]) for arm in ARMS}
+    difference = mean_se([s["op_grpo_final"] - s["flow_grpo_final"] for s in per_seed])
+    curve_difference = mean_se([s["op_grpo_mean_curve"] - s["flow_grpo_mean_curve"] for s in per_seed])
+    ablations = {}
+    for name in ["op_grpo", *ABLATIONS]:
+        r = rows[(name, args.seeds[0])]
+        ablations[name] = {
+            "final_eval_reward": r[-1]["eval_reward"], "eval_change": r[-1]["eval_change"], "eval_change_se": r[-1]["eval_change_se"],
+            "clipfrac_off_policy": mean_of(r, "clipfrac_off_policy"), "clipfrac_on_policy": mean_of(r, "clipfrac_on_policy"),
+            "is_weight_mean": mean_of(r, "is_weight_mean"), "is_weight_min": min((x["is_weight_min"] for x in r if "is_weight_min" in x), default=None),
+            "replayed_groups_per_iteration": mean_of(r, "replayed_groups"),
+        }
+    # the cliff: per step, mean over iterations of the mean and of the spread over replayed trajectories
+    replayed = [x for seed in args.seeds for x in rows[("op_grpo", seed)] if "log_ratio_old_behavior_per_step" in x]
+    cliff = {"mean": np.mean([x["log_ratio_old_behavior_per_step"] for x in replayed], axis=0).tolist(),
+             "spread": np.mean([x["log_ratio_old_behavior_per_step_std"] for x in replayed], axis=0).tolist(),
+             "replayed_iterations": len(replayed)}
+    times = {arm: {k: mean_of([x for seed in args.seeds for x in rows[(arm, seed)]], k) or 0.0 for k in STAGES} for arm in ARMS}
+    return {
+        "config": {**asdict(args), "arms": ARMS, "ablations": ABLATIONS},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__, "threads_per_run": 1, "runs_at_a_time": args.parallel},
+        "per_seed": per_seed,
+        "median_iteration_ratio": median_ratio("iteration_ratio"), "median_wall_clock_ratio": median_ratio("wall_clock_ratio"),
+        "targets": {"iteration_ratio": 0.30, "wall_clock_ratio": 0.40, "paper_iteration_ratio": 0.342},
+        "final_eval_reward": {arm: {"mean": m, "se_over_seeds": se} for arm, (m, se) in finals.items()},
+        "final_difference": {"mean": difference[0], "se_over_seeds": difference[1]},
+        "mean_curve_difference": {"mean": curve_difference[0], "se_over_seeds": curve_difference[1]},
+        "ablations": ablations, "cliff": cliff, "seconds_per_iteration": times,
+        "curves": {f"{name}_seed{seed}": c for (name, seed), c in curves.items()},
+    }
+
+
+def plot(results: dict, args: BenchArgs, truncate_steps: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for arm, colour in (("flow_grpo", "tab:blue"), ("op_grpo", "tab:red")):
+        runs = [results["curves"][f"{arm}_seed{s}"] for s in args.seeds]
+        reward = np.array([c["eval_reward"] for c in runs])
+        for ax, x in ((axes[0], np.array(runs[0]["iterations"])), (axes[1], np.mean([c["train_seconds"] for c in runs], axis=0))):
+            ax.plot(x, reward.mean(0), color=colour, label=f"{arm} (mean of {len(runs)} seeds)")
+            ax.fill_between(x, reward.min(0), reward.max(0), color=colour, alpha=0.2)
+    axes[0].set_xlabel("iteration")
+    axes[1].set_xlabel("training seconds (evaluation excluded, mean over seeds)")
+    for ax in axes:
+        ax.set_ylabel("eval_reward (strict toy GenEval)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    figure.suptitle("OP-GRPO vs on-policy Flow-GRPO, tiny SD3, band = min..max over seeds")
+    figure.tight_layout()
+    figure.savefig(os.path.join(args.assets_dir, "benchmark_curves.png"), dpi=110)
+
+    figure, ax = plt.subplots(figsize=(6.5, 4))
+    cliff = results["cliff"]
+    steps = np.arange(len(cliff["mean"]))
+    ax.errorbar(steps, cliff["mean"], yerr=cliff["spread"], fmt="o-", capsize=3, label="mean +- spread over replayed trajectories")
+    ax.axvline(len(steps) - truncate_steps - 0.5, color="grey", linestyle="--", label=f"truncation: last {truncate_steps} steps regenerated")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xlabel("denoising step k (0 = pure noise)")
+    ax.set_ylabel("log p_old - log p_off (per-dimension mean)")
+    ax.set_title("Late-step cliff (paper Fig. 2) on the tiny SD3")
+    ax.legend()
+    figure.tight_layout()
+    figure.savefig(os.path.join(args.assets_dir, "benchmark_cliff.png"), dpi=110)
+
+    figure, ax = plt.subplots(figsize=(6.5, 3))
+    left = np.zeros(len(ARMS))
+    for stage in STAGES:
+        width = np.array([results["seconds_per_iteration"][arm][stage] for arm in ARMS])
+        ax.barh(list(ARMS), width, left=left, label=stage.removeprefix("time/"))
+        left += width
+    ax.set_xlabel("seconds per iteration (1 CPU thread)")
+    ax.legend(fontsize=8, ncol=3)
+    figure.tight_layout()
+    figure.savefig(os.path.join(args.assets_dir, "benchmark_time.png"), dpi=110)
+
+
+def report(results: dict) -> None:
+    fmt = lambda x: "not reached" if x is None else f"{x:.2f}"
+    print("\nseed  Flow-GRPO final  OP-GRPO final  iteration ratio  wall-clock ratio")
+    for s in results["per_seed"]:
+        print(f"{s['seed']:4d}  {s['flow_grpo_final']:15.3f}  {s['op_grpo_final']:13.3f}  {fmt(s['iteration_ratio']):>15s}  {fmt(s['wall_clock_ratio']):>16s}")
+    print(f"median iteration ratio {fmt(results['median_iteration_ratio'])} (target <= 0.30, paper 0.342); "
+          f"median wall-clock ratio {fmt(results['median_wall_clock_ratio'])} (target <= 0.40)")
+    d, c = results["final_difference"], results["mean_curve_difference"]
+    print(f"final OP - Flow: {d['mean']:+.3f} +- {d['se_over_seeds']:.3f}; mean over the curve: {c['mean']:+.3f} +- {c['se_over_seeds']:.3f} (SE over seeds)")
+    print("\nablation         final  change   clipfrac off  clipfrac on  IS weight mean")
+    for name, a in results["ablations"].items():
+        print(f"{name:15s} {a['final_eval_reward']:6.3f} {a['eval_change']:+7.3f}   {fmt(a['clipfrac_off_policy']):>11s}  {fmt(a['clipfrac_on_policy']):>11s}  {fmt(a['is_weight_mean']):>14s}")
+
+
+def main(args: BenchArgs) -> dict:
+    if args.quick:
+        args.seeds, args.iterations, args.eval_every, args.eval_per_family = args.seeds[:1], 4, 2, 4
+        args.output_dir, args.assets_dir = args.output_dir + "_quick", args.output_dir + "_quick"
+    os.makedirs(args.assets_dir, exist_ok=True)
+    jobs = [(arm, seed, flags) for seed in args.seeds for arm, flags in ARMS.items()]  # both arms of a seed side by side
+    jobs += [(name, args.seeds[0], flags) for name, flags in ABLATIONS.items()]
+    print(f"{len(jobs)} runs of {args.iterations} iterations, {args.parallel} at a time, in {args.output_dir}", flush=True)
+    with ThreadPoolExecutor(args.parallel) as pool:
+        done = list(pool.map(lambda job: run_one(*job, args), jobs))
+    folders = {(name, seed): folder for (name, seed, _), folder in zip(jobs, done)}
+    results = summarise(args, folders)
+    with open(os.path.join(args.assets_dir, "benchmark_results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    truncate_steps = json.load(open(os.path.join(folders[("op_grpo", args.seeds[0])], "args.json")))["truncate_steps"]
+    plot(results, args, truncate_steps)
+    report(results)
+    return results
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchArgs))
