@@ -64,7 +64,8 @@ class BenchArgs:
 def run_one(name: str, seed: int, flags: list[str], args: BenchArgs) -> str:
     """One op_grpo.py run in its own process; skipped when its metrics are already complete."""
     folder = os.path.join(args.output_dir, f"{name}_seed{seed}")
-    if len(load_rows(folder)) == args.iterations and "eval_reward" in load_rows(folder)[-1]:
+    rows = load_rows(folder)
+    if len(rows) == args.iterations and "eval_reward" in rows[-1]:
         return folder
     command = [sys.executable, os.path.join(HERE, "op_grpo.py"), "--output-dir", folder, "--overwrite", "--seed", str(seed),
                "--iterations", str(args.iterations), "--eval-every", str(args.eval_every),

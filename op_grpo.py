@@ -893,6 +893,7 @@ def main(args: Args) -> list[dict]:
     # ---- 0. Arguments, seeds, batch arithmetic: everything that can be wrong is caught before loading
     args = with_presets(args)
     check_args(args)
+    STOP_REQUESTED.clear()  # a signal from an earlier run in this process does not stop this one
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -930,9 +931,10 @@ def main(args: Args) -> list[dict]:
             return [rng.choice(train_prompts) for _ in range(n)]
 
     pipe = load_pipeline(args, device)
-    if "pickscore" in parse_reward(args.reward):
+    reward_weights = parse_reward(args.reward)
+    if "pickscore" in reward_weights:
         load_pickscore(device, FROZEN_DTYPES[args.mixed_precision])
-    reward_fn = weighted_reward(parse_reward(args.reward))
+    reward_fn = weighted_reward(reward_weights)
     transformer = pipe.transformer
     reference = make_trainable(transformer, args)
     if args.gradient_checkpointing:
