@@ -195,8 +195,9 @@ def check_args(args: Args) -> None:
     problems = []
     if args.group_size < 2:
         problems.append(f"--group-size must be at least 2 (advantages compare images within a group), got {args.group_size}")
-    if args.prompts_per_iteration < 1:
-        problems.append(f"--prompts-per-iteration must be at least 1, got {args.prompts_per_iteration}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # processes started by torchrun / accelerate launch
+    if args.prompts_per_iteration < world:
+        problems.append(f"--prompts-per-iteration must be at least the number of processes ({world}), got {args.prompts_per_iteration}")
     if not 0.0 <= args.off_policy_fraction < 1.0:
         problems.append(f"--off-policy-fraction must be in [0, 1), got {args.off_policy_fraction}")
     if args.num_steps < 2:
@@ -336,7 +337,7 @@ def replay_slots(args: Args, rng: random.Random) -> int:
 # =========================================================================================================
 # Pure math. Functions of tensors only; test_op_grpo.py checks each against an independent answer.
 # =========================================================================================================
-def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev_sample=None, generator=None):
+def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev_sample=None, generator=None, noise=None):
     """One step of Flow-GRPO's SDE sampler, and the Gaussian log-density of its result.
 
     Two modes share one code path: with prev_sample=None a next latent is drawn (sampling); with a given
@@ -364,7 +365,8 @@ def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev
     std_dev = noise_scale * torch.sqrt(-dt)
 
     if prev_sample is None:
-        noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
+        if noise is None:  # a caller may pass its own standard-normal draw (several processes: see sample_trajectories)
+            noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
         prev_sample = prev_sample_mean + std_dev * noise
     prev_sample = prev_sample.detach().float()  # the sampled latent is data: no gradient flows through it
 
@@ -687,18 +689,22 @@ def predict_velocity(transformer, x, sigma, embeds, pooled, guidance_scale, unco
 
 
 @torch.no_grad()
-def sample_trajectories(transformer, start, sigmas, first_step, embeds, pooled, noise_level, guidance_scale, uncond, generator):
+def sample_trajectories(transformer, start, sigmas, first_step, embeds, pooled, noise_level, guidance_scale, uncond, generator, rows=None):
     """Run the sampler from latents `start` at sigmas[first_step] to sigma = 0.
 
     Returns latents (B, K - first_step + 1, C, H, W) including `start`, and log_probs (B, K - first_step)
     (NaN for the ODE, noise_level 0). first_step > 0 regenerates the tail of a truncated trajectory.
+    rows = (index, total), several processes only: `start` is rows `index` of a batch of `total` trajectories;
+    each step's noise is drawn for the whole batch and sliced, so every trajectory gets the noise it would get
+    in one process and the processes' generators stay in step.
     """
     latents, log_probs = [start.float()], []
     x = start
     for k in range(first_step, len(sigmas) - 1):
         v = predict_velocity(transformer, x, sigmas[k], embeds, pooled, guidance_scale, uncond)
         require_finite("velocity", v, f"while sampling step {k}")
-        x, log_prob, _, _ = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], noise_level, generator=generator)
+        noise = None if rows is None else torch.randn((rows[1], *x.shape[1:]), generator=generator, device=x.device)[rows[0]]
+        x, log_prob, _, _ = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], noise_level, generator=generator, noise=noise)
         if noise_level > 0:
             require_finite("log-prob", log_prob, f"while sampling step {k}")
         latents.append(x)
@@ -887,6 +893,55 @@ def parse_cli(argv: list[str]) -> Args:
 
 
 # =========================================================================================================
+# Several processes (torchrun / accelerate launch). With one process every helper is a no-op.
+# =========================================================================================================
+def init_distributed(args: Args) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under a launcher (WORLD_SIZE > 1) join the process group: NCCL and one GPU
+    per process when CUDA is there, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() and args.device in (None, "cuda")
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), world, torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+
+
+def gather(obj, world: int) -> list:
+    """Every process's `obj` (picklable), in rank order; one process: [obj]."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def sum_gradients(parameters: list, world: int) -> None:
+    """Sum the gradients over processes, once per optimizer step. (DDP would sync inside every backward and needs
+    the same number of them on every rank; here each rank runs one pass per (step, micro-batch) it holds.)"""
+    if world == 1:
+        return
+    for p in parameters:
+        if p.grad is None:  # this rank had no sample in the minibatch
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+
+
+def rank_divergence(parameters: list, world: int) -> float:
+    """Largest |weight - rank 0's weight| over processes: 0 when the update kept every copy identical."""
+    local = torch.cat([p.detach().flatten().float() for p in parameters])
+    reference = local.clone()
+    torch.distributed.broadcast(reference, src=0)
+    divergence = (local - reference).abs().max()
+    torch.distributed.all_reduce(divergence, op=torch.distributed.ReduceOp.MAX)
+    return divergence.item()
+
+
+# =========================================================================================================
 # Training
 # =========================================================================================================
 def main(args: Args) -> list[dict]:
@@ -896,7 +951,10 @@ def main(args: Args) -> list[dict]:
     STOP_REQUESTED.clear()  # a signal from an earlier run in this process does not stop this one
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # [distributed] every process draws the same prompts and noise from the same seeds; process `rank` keeps the
+    # prompt slots rank, rank + world, ...: whole groups (advantages stay local), replayed slots spread over ranks
+    rank, world, device = init_distributed(args)
+    main_process = rank == 0
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
     generator = torch.Generator(device).manual_seed(args.seed)
@@ -905,15 +963,19 @@ def main(args: Args) -> list[dict]:
     # the last step, the sharpest Gaussian and the one least able to change the image, is left out by default
     n_train_steps = args.train_steps or K - 1
     B = P * G
-    print(
+    say = print if main_process else (lambda *a, **k: None)  # [distributed] output from rank 0 only
+    if world > 1:
+        say(f"{world} processes; the {P} prompt slots are dealt out to them, whole groups each")
+    say(
         f"batch: {P} prompts x {G} images = {B} trajectories of {K} steps per iteration; "
         f"{n_replay:g} replayed groups ({G - 1} fresh + 1 stored, last {args.truncate_steps} steps regenerated) "
         f"-> {B - n_replay:g} fresh samples; {args.updates_per_batch} updates of {B // args.updates_per_batch} samples "
         f"on the first {n_train_steps} steps" + (f", {args.micro_batch} per pass" if args.micro_batch else "")
     )
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)  # first, so that --resume finds the settings of any checkpoint
+    if main_process:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)  # first, so that --resume finds the settings of any checkpoint
 
     # ---- 1. Prompts; model, trainable weights and KL reference; prompt embeddings (then the text encoders go)
     if uses_toy_world(args):  # the toy GenEval world: training prompts drawn by family, held-out evaluation set
@@ -973,23 +1035,27 @@ def main(args: Args) -> list[dict]:
         set_rng_states(saved["rng"], rng, generator)
         start, history, baseline = saved["iteration"], saved["history"], saved["baseline"]
         print(f"resumed {args.resume} at iteration {start}")
-    else:
-        metrics_before, images_before, outcomes_before = evaluate(pipe, transformer, table, sets, args, eval_sigmas, device, reward_fn)
-        grid_before = [torch.from_numpy(np.array(images_before[grid_set][i])) for i in picks]  # (H, W, 3) uint8
-        baseline = {"metrics": metrics_before, "outcomes": outcomes_before, "grid": grid_before}
+    else:  # [distributed] rank 0 evaluates; the others get its result
+        if main_process:
+            metrics_before, images_before, outcomes_before = evaluate(pipe, transformer, table, sets, args, eval_sigmas, device, reward_fn)
+            grid_before = [torch.from_numpy(np.array(images_before[grid_set][i])) for i in picks]  # (H, W, 3) uint8
+            baseline = {"metrics": metrics_before, "outcomes": outcomes_before, "grid": grid_before}
+        baseline = gather(baseline if main_process else None, world)[0]
         start, history = 0, []
     metrics_before, outcomes_before = baseline["metrics"], baseline["outcomes"]
-    print(f"before: eval_reward {metrics_before['eval_reward']:.3f} +- {metrics_before['eval_se']:.3f} ("
+    say(f"before: eval_reward {metrics_before['eval_reward']:.3f} +- {metrics_before['eval_se']:.3f} ("
           + ", ".join(f"{name} {metrics_before[f'eval/{name}']:.3f}" for name in sets) + ")")
     tracker = None
-    if args.wandb_project:  # optional: the same rows, and sample images at every evaluation
+    if args.wandb_project and main_process:  # optional: the same rows, and sample images at every evaluation
         import wandb
 
         tracker = wandb.init(project=args.wandb_project, config=asdict(args), dir=args.output_dir)
-    log_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "w")
+    log_file = open(os.path.join(args.output_dir, "metrics.jsonl") if main_process else os.devnull, "w")
     log_file.writelines(json.dumps(row) + "\n" for row in history)  # a resumed run's log repeats the earlier rows
 
     def checkpoint(next_iteration: int, rng_state: dict) -> None:
+        if not main_process:  # [distributed] every rank holds the same weights, buffer and random streams
+            return
         save_checkpoint(args.output_dir, transformer, {
             "iteration": next_iteration, "optimizer": optimizer.state_dict(), "scheduler": warmup.state_dict(),
             "buffer": buffer.state_dict(), "rng": rng_state, "history": history, "baseline": baseline})
@@ -998,7 +1064,8 @@ def main(args: Args) -> list[dict]:
     # require_finite) skips the rest of the iteration's update with a warning; optimizer steps already taken had
     # finite gradients and stay. After nonfinite_patience such iterations in a row the run stops with a checkpoint.
     skipped_in_a_row = 0
-    progress = tqdm(range(start, args.iterations), desc="OP-GRPO", dynamic_ncols=True, initial=start, total=args.iterations)
+    progress = tqdm(range(start, args.iterations), desc="OP-GRPO", dynamic_ncols=True, initial=start, total=args.iterations,
+                    disable=not main_process)
     for iteration in progress:
         timings = {}
         clock = time.perf_counter()
@@ -1012,12 +1079,19 @@ def main(args: Args) -> list[dict]:
             n_rep = len(replay_prompts)
             # fresh trajectories: G - 1 for each replayed slot, G for each fresh slot
             fresh_prompts = [p for i, p in enumerate(slot_prompts) for _ in range(G - 1 if i < n_rep else G)]
+            # [distributed] this process's slots and their rows among all fresh trajectories (one process: all)
+            my_slots = list(range(rank, P, world))
+            first_row = np.cumsum([0] + [G - 1 if i < n_rep else G for i in range(P)])
+            fresh_rows = torch.tensor([r for s in my_slots for r in range(first_row[s], first_row[s + 1])], device=device)
+            my_replayed = [s for s in my_slots if s < n_rep]
 
             # ---- 4. Rollouts with the SDE sampler; behaviour log-probs recorded as we go (these are p_old)
+            fresh_prompts = [fresh_prompts[r] for r in fresh_rows.tolist()]
             embeds, pooled = embeds_of(fresh_prompts)
-            noise = torch.randn((len(fresh_prompts), *shape), generator=generator, device=device)
+            noise = torch.randn((int(first_row[-1]), *shape), generator=generator, device=device)[fresh_rows]
             fresh_latents, fresh_log_probs = sample_trajectories(
-                transformer, noise, sigmas, 0, embeds, pooled, args.noise_level, args.guidance_scale, uncond, generator
+                transformer, noise, sigmas, 0, embeds, pooled, args.noise_level, args.guidance_scale, uncond, generator,
+                rows=(fresh_rows, first_row[-1]) if world > 1 else None,
             )  # (B_f, K + 1, C, H, W), (B_f, K)
             fresh_images = decode(pipe, fresh_latents[:, -1], args.micro_batch)
             timings["time/sampling"] = time.perf_counter() - clock
@@ -1028,10 +1102,14 @@ def main(args: Args) -> list[dict]:
             # ---- 5. Replayed trajectories: p_old on the stored steps, the truncated tail regenerated by the current ODE
             clock = time.perf_counter()
             K_keep = K - args.truncate_steps
-            if n_rep:
-                rep_latents = torch.stack([buffer.entries[p]["latents"] for p in replay_prompts]).to(device)
-                rep_behavior = torch.stack([buffer.entries[p]["log_probs"] for p in replay_prompts]).to(device)
-                rep_embeds, rep_pooled = embeds_of(replay_prompts)
+            rep_prompts = [replay_prompts[s] for s in my_replayed]
+            if world > 1 and n_rep and not rep_prompts and args.truncate_steps:
+                for _ in range(args.truncate_steps):  # [distributed] draw the tail's noise too, to stay in step
+                    torch.randn((n_rep, *shape), generator=generator, device=device)
+            if rep_prompts:
+                rep_latents = torch.stack([buffer.entries[p]["latents"] for p in rep_prompts]).to(device)
+                rep_behavior = torch.stack([buffer.entries[p]["log_probs"] for p in rep_prompts]).to(device)
+                rep_embeds, rep_pooled = embeds_of(rep_prompts)
                 rep_old = torch.empty_like(rep_behavior)  # (R, K)
                 with torch.no_grad():
                     # one forward pass of the current model per step: the kept steps give the weight's p_old; the
@@ -1048,24 +1126,26 @@ def main(args: Args) -> list[dict]:
                     # Eq. 12-13: z_{t_off} kept, the rest regenerated deterministically; the new image is re-scored
                     # (paper: silent on re-scoring; we do, so that the reward belongs to the trajectory trained on)
                     tail, _ = sample_trajectories(
-                        transformer, rep_latents[:, K_keep], sigmas, K_keep, rep_embeds, rep_pooled, 0.0, args.guidance_scale, uncond, generator
+                        transformer, rep_latents[:, K_keep], sigmas, K_keep, rep_embeds, rep_pooled, 0.0, args.guidance_scale, uncond, generator,
+                        rows=(torch.tensor(my_replayed, device=device), n_rep) if world > 1 else None,
                     )
                     rep_latents = torch.cat([rep_latents[:, :K_keep], tail], dim=1)
-                    rep_rewards = compute_rewards(reward_fn, args.reward, decode(pipe, rep_latents[:, -1], args.micro_batch), replay_prompts)
+                    rep_rewards = compute_rewards(reward_fn, args.reward, decode(pipe, rep_latents[:, -1], args.micro_batch), rep_prompts)
                 else:
-                    rep_rewards = torch.tensor([buffer.entries[p]["reward"] for p in replay_prompts])
+                    rep_rewards = torch.tensor([buffer.entries[p]["reward"] for p in rep_prompts])
                 timings["time/tail"] = time.perf_counter() - clock
 
             # ---- 6. Assemble the batch: group g is slot g; in a replayed slot the stored trajectory is member 0
             latents_list, lp_old_list, lp_beh_list, rew_list, replayed_list, prompts = [], [], [], [], [], []
             cursor = 0
-            for slot, prompt in enumerate(slot_prompts):
-                n_fresh = G - 1 if slot < n_rep else G
+            for slot in my_slots:
+                prompt, n_fresh = slot_prompts[slot], G - 1 if slot < n_rep else G
                 if slot < n_rep:
-                    latents_list.append(rep_latents[slot : slot + 1])
-                    lp_old_list.append(rep_old[slot : slot + 1])
-                    lp_beh_list.append(rep_behavior[slot : slot + 1])
-                    rew_list.append(rep_rewards[slot : slot + 1])
+                    j = my_replayed.index(slot)  # its row among this process's replayed trajectories
+                    latents_list.append(rep_latents[j : j + 1])
+                    lp_old_list.append(rep_old[j : j + 1])
+                    lp_beh_list.append(rep_behavior[j : j + 1])
+                    rew_list.append(rep_rewards[j : j + 1])
                     replayed_list.append(torch.ones(1, dtype=torch.bool))
                 latents_list.append(fresh_latents[cursor : cursor + n_fresh])
                 lp_old_list.append(fresh_log_probs[cursor : cursor + n_fresh])
@@ -1083,30 +1163,40 @@ def main(args: Args) -> list[dict]:
             if args.correction == "sequence":
                 is_weight = sequence_is_weight(log_prob_old, log_prob_behavior, keep)  # (B,), exactly 1 where fresh
             else:
-                is_weight = torch.ones(B, device=device)
+                is_weight = torch.ones(len(latents), device=device)
             require_finite("IS weight", is_weight)
             if args.correction == "naive":
                 log_prob_old = torch.where(replayed[:, None], log_prob_behavior, log_prob_old)  # clip against p_off
-            advantages = group_advantages(rewards.view(P, G)).view(B).clamp(-args.adv_clip, args.adv_clip)
+            advantages = group_advantages(rewards.view(-1, G)).flatten().clamp(-args.adv_clip, args.adv_clip)
             embeds, pooled = embeds_of(prompts)
             trained = keep & (torch.arange(K, device=device) < n_train_steps)  # (B, K): the steps in the loss
+            # [distributed] sample b of the whole batch is member b % G of slot b // G; `local[b]` is its row here
+            # (-1 on other processes), and `trained_all` the trained steps of the whole batch, for the loss's mean
+            local = torch.full((B,), -1, device=device)
+            local[torch.tensor([s * G + m for s in my_slots for m in range(G)], device=device)] = torch.arange(len(latents), device=device)
+            replayed_all = torch.tensor([s < n_rep and m == 0 for s in range(P) for m in range(G)], device=device)
+            trained_all = kept_steps(K, args.truncate_steps, replayed_all) & (torch.arange(K, device=device) < n_train_steps)
 
             # ---- 7. Buffer admission (Eq. 7): each group's best fresh trajectory is the candidate (no buffer at rho = 0)
             pristine = False  # from here on the buffer, the weights and the optimizer change
             buffer.tick()
-            admitted = 0
-            for slot in range(P if args.off_policy_fraction else 0):
-                members = torch.arange(slot * G, (slot + 1) * G, device=device)
+            candidates = []  # (slot, latents, behaviour log-probs, reward) of this process's groups
+            for i, slot in enumerate(my_slots if args.off_policy_fraction else []):
+                members = torch.arange(i * G, (i + 1) * G, device=device)
                 fresh = members[~replayed[members]]
                 best = fresh[rewards[fresh].argmax()]
-                admitted += buffer.offer(slot_prompts[slot], latents[best], log_prob_behavior[best], rewards[best].item())
+                candidates.append((slot, latents[best].cpu(), log_prob_behavior[best].cpu(), rewards[best].item()))
+            # [distributed] every process offers every group's candidate in slot order: the buffers stay identical
+            candidates = sorted((c for part in gather(candidates, world) for c in part), key=lambda c: c[0])
+            admitted = sum(buffer.offer(slot_prompts[slot], *rest) for slot, *rest in candidates)
 
             # ---- 8. Policy update: updates_per_batch optimizer steps, each over a random 1/updates of the samples
             clock = time.perf_counter()
             transformer.train()
             stats = {"loss": [], "clipfrac_on": [], "clipfrac_off": [], "approx_kl": [], "kl": []}
-            for minibatch in torch.randperm(B, generator=generator, device=device).chunk(args.updates_per_batch):
-                n_terms = trained[minibatch].sum()  # the loss averages over trained (sample, step) pairs
+            for minibatch_all in torch.randperm(B, generator=generator, device=device).chunk(args.updates_per_batch):
+                n_terms = trained_all[minibatch_all].sum()  # the loss averages over trained (sample, step) pairs
+                minibatch = local[minibatch_all][local[minibatch_all] >= 0]  # this process's rows, in the same order
                 optimizer.zero_grad(set_to_none=True)
                 # one forward/backward pass per (step, micro-batch of the samples that train that step)
                 passes = [(k, idx) for k in range(K) for idx in minibatch[trained[minibatch, k]].split(args.micro_batch or B) if len(idx)]
@@ -1142,6 +1232,7 @@ def main(args: Args) -> list[dict]:
                         # CleanRL's approx_kl: mean of (r - 1) - log r, a low-variance estimate of KL(old || new)
                         stats["approx_kl"].append(((ratio - 1) - torch.log(ratio)).mean().item())
                         stats["loss"].append(loss.item() / n_terms.item())
+                sum_gradients(trainable, world)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
                 require_finite("gradient norm", grad_norm, "before an optimizer step (the step is not taken)")
                 optimizer.step()
@@ -1149,6 +1240,8 @@ def main(args: Args) -> list[dict]:
             transformer.eval()
             timings["time/update"] = time.perf_counter() - clock
         except NonFiniteError as problem:
+            if world > 1:  # [distributed] the other ranks cannot know: stop the job (the launcher stops every rank)
+                raise
             optimizer.zero_grad(set_to_none=True)
             skipped_in_a_row += 1
             tqdm.write(f"iteration {iteration}: {problem}; update skipped ({skipped_in_a_row} in a row)", file=sys.stderr)
@@ -1165,6 +1258,14 @@ def main(args: Args) -> list[dict]:
         else:
             # ---- 9. Log (an iteration whose update was skipped logs only why); evaluate every eval_every iterations
             skipped_in_a_row = 0
+            # replayed trajectories: weights, re-scored rewards, log p_old - log p_off per step (R, K)
+            rep_stats = (is_weight[replayed], rep_rewards, rep_old - rep_behavior) if rep_prompts else None
+            if world > 1:  # [distributed] the logged statistics cover every process's samples
+                parts = gather((fresh_rewards.cpu(), stats, rep_stats and tuple(t.cpu() for t in rep_stats)), world)
+                fresh_rewards = torch.cat([p[0] for p in parts])
+                stats = {key: [x for p in parts for x in p[1][key]] for key in stats}
+                rep_parts = [p[2] for p in parts if p[2] is not None]
+                rep_stats = tuple(torch.cat(ts) for ts in zip(*rep_parts)) if rep_parts else None
             row = {
                 "iteration": iteration,
                 "reward_mean": fresh_rewards.mean().item(),
@@ -1180,14 +1281,17 @@ def main(args: Args) -> list[dict]:
                 "buffer_admitted": admitted,
                 **timings,
             }
-            if n_rep:
-                w = is_weight[replayed]
+            if rep_stats:
+                w, replay_rewards, log_ratio = rep_stats
                 row.update({"is_weight_mean": w.mean().item(), "is_weight_min": w.min().item(), "is_weight_max": w.max().item(),
-                            "replay_reward_mean": rep_rewards.mean().item()})
+                            "replay_reward_mean": replay_rewards.mean().item()})
                 # the late-step "cliff" (paper Fig. 2): per-step mean of log p_old - log p_off on replayed data
-                row["log_ratio_old_behavior_per_step"] = (rep_old - rep_behavior).mean(0).tolist()
-                row["log_ratio_old_behavior_per_step_std"] = (rep_old - rep_behavior).std(0, correction=0).tolist()
+                row["log_ratio_old_behavior_per_step"] = log_ratio.mean(0).tolist()
+                row["log_ratio_old_behavior_per_step_std"] = log_ratio.std(0, correction=0).tolist()
         if (iteration + 1) % args.eval_every == 0 or iteration == args.iterations - 1:
+            if world > 1:
+                row["rank_weight_divergence"] = rank_divergence(trainable, world)
+        if main_process and ((iteration + 1) % args.eval_every == 0 or iteration == args.iterations - 1):
             clock = time.perf_counter()
             eval_metrics, images_after, outcomes_after = evaluate(pipe, transformer, table, sets, args, eval_sigmas, device, reward_fn)
             row.update(eval_metrics)
@@ -1203,18 +1307,21 @@ def main(args: Args) -> list[dict]:
             if "eval_reward" in row:
                 tracker.log({"samples": [wandb.Image(images_after[grid_set][i], caption=sets[grid_set][i]) for i in picks]}, step=iteration)
         progress.set_postfix(reward=f"{row.get('reward_mean', float('nan')):.3f}", eval=f"{row.get('eval_reward', float('nan')):.3f}")
-        if STOP_REQUESTED or (args.checkpoint_every and (iteration + 1) % args.checkpoint_every == 0):
+        stop = any(gather(bool(STOP_REQUESTED), world))  # [distributed] one rank's signal stops them all
+        if stop or (args.checkpoint_every and (iteration + 1) % args.checkpoint_every == 0):
             checkpoint(iteration + 1, rng_states(rng, generator))
-        if STOP_REQUESTED:
-            print(f"stopped by {STOP_REQUESTED[0]} after iteration {iteration}; continue with: "
+        if stop:
+            say(f"stopped by {(STOP_REQUESTED or ['a signal'])[0]} after iteration {iteration}; continue with: "
                   f"python op_grpo.py --resume {args.output_dir}", file=sys.stderr)
             return history
     log_file.close()
     checkpoint(args.iterations, rng_states(rng, generator))  # lets --resume with a higher --iterations train on
+    if not main_process:
+        return history
 
     # ---- 10. Results: before/after scores per set and family, a sample grid, the fine-tuned weights
     final = history[-1]
-    print(f"after:  eval_reward {final['eval_reward']:.3f} +- {final['eval_se']:.3f} ("
+    say(f"after:  eval_reward {final['eval_reward']:.3f} +- {final['eval_se']:.3f} ("
           + ", ".join(f"{name} {final[f'eval/{name}']:.3f}" for name in sets) + "); "
           f"change {final['eval_change']:+.3f} +- {final['eval_change_se']:.3f} (paired standard error)")
     for key in sorted(k for k in final if k.startswith("eval/") and k.count("/") == 2 and not k.endswith(("/se", "/dense"))):

@@ -626,6 +626,10 @@ def test_runs_and_resumes_that_would_lose_work_are_rejected_before_loading(tmp_p
     for overrides, flag in cases:
         with pytest.raises(ValueError, match=flag):
             check_args(Args(**overrides))
+    with pytest.MonkeyPatch.context() as patch:  # under a launcher with 8 processes, 4 slots cannot give each one a group
+        patch.setenv("WORLD_SIZE", "8")
+        with pytest.raises(ValueError, match="--prompts-per-iteration must be at least the number of processes"):
+            check_args(Args(prompts_per_iteration=4))
     check_args(Args(output_dir=str(tmp_path), overwrite=True))
     check_args(Args(output_dir=str(tmp_path), resume=str(tmp_path), iterations=6))
 
@@ -762,3 +766,28 @@ def test_a_model_that_cannot_be_fetched_gives_one_line_saying_what_to_do(tmp_pat
     message = [line for line in result.stderr.splitlines() if line.startswith("op_grpo.py: error:")]
     assert len(message) == 1 and "stabilityai/stable-diffusion-3.5-medium" in message[0]
     assert "hf auth login" in message[0] and "--pretrained" in message[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several processes: torchrun with 2 CPU processes (gloo) against one process, same flags and seed
+# ---------------------------------------------------------------------------------------------------------
+def test_two_processes_reproduce_one_and_keep_identical_weights(tmp_path):
+    flags = ["--iterations", "3", "--prompts-per-iteration", "4", "--group-size", "2", "--off-policy-fraction", "0.5",
+             "--eval-every", "3", "--eval-per-family", "2", "--checkpoint-every", "0", "--threads", "1"]
+    script = os.path.join(HERE, "op_grpo.py")
+    for name, launcher in (("one", [sys.executable]), ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        result = subprocess.run([*launcher, script, *flags, "--output-dir", str(tmp_path / name)], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("one", "two"))
+    assert len(one) == len(two) == 3 and any(r["replayed_groups"] for r in two)
+    assert two[-1]["rank_weight_divergence"] == 0.0  # the summed gradients keep both copies bit-identical
+    # the same samples, rewards, buffer and gradients (up to float summation order over processes)
+    for a, b in zip(one, two):
+        for key in ("reward_mean", "reward_std", "loss", "is_weight_mean", "replay_reward_mean", "eval_reward", "eval/held_out/dense"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+        for key in ("log_ratio_old_behavior_per_step",):
+            if key in a:
+                np.testing.assert_allclose(b[key], a[key], rtol=1e-3, atol=1e-6)
+        assert (a["replayed_groups"], a["buffer_size"], a["buffer_admitted"]) == (b["replayed_groups"], b["buffer_size"], b["buffer_admitted"])
+    assert (tmp_path / "two" / op_grpo.CHECKPOINT).exists() and (tmp_path / "two" / "before_after.png").exists()
