@@ -37,6 +37,7 @@ Notation (code name = paper symbol)
 
 import contextlib
 import copy
+import datetime
 import importlib.util
 import io
 import json
@@ -906,8 +907,8 @@ def init_distributed(args: Args) -> tuple[int, int, torch.device]:
     use_cuda = torch.cuda.is_available() and args.device in (None, "cuda")
     if use_cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if not dist.is_initialized():  # an hour: the other ranks wait while rank 0 evaluates alone
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=1))
     return dist.get_rank(), world, torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
 
 
