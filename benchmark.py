@@ -36,6 +36,17 @@ ABLATIONS = {
     "rho_0.05": ["--off-policy-fraction", "0.05"],
     "rho_0.5": ["--off-policy-fraction", "0.5"],
 }
+# Investigation (--investigate): settings that might change the comparison. A setting with both arms runs
+# Flow-GRPO and OP-GRPO under the same extra flags on the first n seeds; an OP-GRPO-only setting is compared
+# with the main Flow-GRPO run of the same seed. name: (extra flags, arms, number of seeds)
+INVESTIGATION = {
+    # GenEval's own 0/1 score as the training reward: groups can be all 0 (no signal), which a replayed success fixes
+    "strict_reward": (["--reward", "geneval_strict"], ("flow_grpo", "op_grpo"), 2),
+    "lr_2e-4": (["--learning-rate", "2e-4"], ("flow_grpo", "op_grpo"), 1),
+    "updates_4": (["--updates-per-batch", "4"], ("flow_grpo", "op_grpo"), 1),  # more, smaller steps per batch
+    "decay_0": (["--reward-decay", "0"], ("op_grpo",), 1),  # the buffer keeps each prompt's best ever
+    "decay_0.05": (["--reward-decay", "0.05"], ("op_grpo",), 1),  # entries go stale within ~10 iterations
+}
 STAGES = ["time/sampling", "time/reward", "time/replay_old", "time/tail", "time/update"]  # what one iteration costs
 
 
@@ -53,6 +64,8 @@ class BenchArgs:
     """evaluation interval: the resolution of "iterations to reach" (0.1 of the budget)"""
     eval_per_family: int = 128
     """evaluation images per family and prompt set (1,024 per evaluation)"""
+    investigate: bool = False
+    """also run the INVESTIGATION settings (14 more runs with the defaults' seeds: about 2 hours)"""
     parallel: int = 2
     """runs at a time, one CPU thread each"""
     output_dir: str = "runs/benchmark"
@@ -142,6 +155,23 @@ def summarise(args: BenchArgs, folders: dict) -> dict:
             "is_weight_mean": mean_of(r, "is_weight_mean"), "is_weight_min": min((x["is_weight_min"] for x in r if "is_weight_min" in x), default=None),
             "replayed_groups_per_iteration": mean_of(r, "replayed_groups"),
         }
+    investigation = {}
+    for setting, (flags, arms, n_seeds) in (INVESTIGATION.items() if args.investigate else ()):
+        investigation[setting] = {"flags": flags, "arms": list(arms), "per_seed": []}
+        for seed in args.seeds[:n_seeds]:
+            flow_key = (f"{setting}_flow_grpo" if "flow_grpo" in arms else "flow_grpo", seed)
+            flow, op = curves[flow_key], curves[(f"{setting}_op_grpo", seed)]
+            reached = first_reach(op, flow["eval_reward"][-1])
+            investigation[setting]["per_seed"].append({
+                "seed": seed, "flow_grpo_run": f"{flow_key[0]}_seed{seed}",
+                "flow_grpo_final": flow["eval_reward"][-1], "op_grpo_final": op["eval_reward"][-1],
+                "flow_grpo_change": flow["final_change"], "op_grpo_change": op["final_change"],
+                "change_se": max(flow["final_change_se"], op["final_change_se"]),
+                "iteration_ratio": reached[0] / flow["iterations"][-1] if reached else None,
+                "mean_curve_difference": float(np.mean(op["eval_reward"][1:]) - np.mean(flow["eval_reward"][1:])),
+                "flat_groups": {arm: mean_of(rows[key], "flat_groups") for arm, key in (("flow_grpo", flow_key), ("op_grpo", (f"{setting}_op_grpo", seed)))},
+                "clipfrac_off_policy": mean_of(rows[(f"{setting}_op_grpo", seed)], "clipfrac_off_policy"),
+            })
     # the cliff: per step, mean over iterations of the mean and of the spread over replayed trajectories
     replayed = [x for seed in args.seeds for x in rows[("op_grpo", seed)] if "log_ratio_old_behavior_per_step" in x]
     cliff = {"mean": np.mean([x["log_ratio_old_behavior_per_step"] for x in replayed], axis=0).tolist(),
@@ -149,7 +179,7 @@ def summarise(args: BenchArgs, folders: dict) -> dict:
              "replayed_iterations": len(replayed)}
     times = {arm: {k: mean_of([x for seed in args.seeds for x in rows[(arm, seed)]], k) or 0.0 for k in STAGES} for arm in ARMS}
     return {
-        "config": {**asdict(args), "arms": ARMS, "ablations": ABLATIONS},
+        "config": {**asdict(args), "arms": ARMS, "ablations": ABLATIONS, "investigation": INVESTIGATION if args.investigate else {}},
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "threads_per_run": 1, "runs_at_a_time": args.parallel},
         "per_seed": per_seed,
@@ -158,7 +188,7 @@ def summarise(args: BenchArgs, folders: dict) -> dict:
         "final_eval_reward": {arm: {"mean": m, "se_over_seeds": se} for arm, (m, se) in finals.items()},
         "final_difference": {"mean": difference[0], "se_over_seeds": difference[1]},
         "mean_curve_difference": {"mean": curve_difference[0], "se_over_seeds": curve_difference[1]},
-        "ablations": ablations, "cliff": cliff, "seconds_per_iteration": times,
+        "ablations": ablations, "investigation": investigation, "cliff": cliff, "seconds_per_iteration": times,
         "curves": {f"{name}_seed{seed}": c for (name, seed), c in curves.items()},
     }
 
@@ -223,6 +253,13 @@ def report(results: dict) -> None:
     print("\nablation         final  change   clipfrac off  clipfrac on  IS weight mean")
     for name, a in results["ablations"].items():
         print(f"{name:15s} {a['final_eval_reward']:6.3f} {a['eval_change']:+7.3f}   {fmt(a['clipfrac_off_policy']):>11s}  {fmt(a['clipfrac_on_policy']):>11s}  {fmt(a['is_weight_mean']):>14s}")
+    if results["investigation"]:
+        print("\nsetting        seed  Flow final (change)  OP final (change)  +-SE   ratio        curve OP-Flow  flat groups Flow/OP")
+    for setting, inv in results["investigation"].items():
+        for s in inv["per_seed"]:
+            flat = {arm: "-" if x is None else f"{x:.2f}" for arm, x in s["flat_groups"].items()}
+            print(f"{setting:14s} {s['seed']:4d}  {s['flow_grpo_final']:.3f} ({s['flow_grpo_change']:+.3f})      {s['op_grpo_final']:.3f} ({s['op_grpo_change']:+.3f})"
+                  f"    {s['change_se']:.3f}  {fmt(s['iteration_ratio']):>11s}  {s['mean_curve_difference']:+.3f}         {flat['flow_grpo']}/{flat['op_grpo']}")
 
 
 def main(args: BenchArgs) -> dict:
@@ -232,6 +269,8 @@ def main(args: BenchArgs) -> dict:
     os.makedirs(args.assets_dir, exist_ok=True)
     jobs = [(arm, seed, flags) for seed in args.seeds for arm, flags in ARMS.items()]  # both arms of a seed side by side
     jobs += [(name, args.seeds[0], flags) for name, flags in ABLATIONS.items()]
+    for setting, (flags, arms, n_seeds) in (INVESTIGATION.items() if args.investigate else ()):
+        jobs += [(f"{setting}_{arm}", seed, ARMS[arm] + flags) for seed in args.seeds[:n_seeds] for arm in arms]
     print(f"{len(jobs)} runs of {args.iterations} iterations, {args.parallel} at a time, in {args.output_dir}", flush=True)
     with ThreadPoolExecutor(args.parallel) as pool:
         done = list(pool.map(lambda job: run_one(*job, args), jobs))

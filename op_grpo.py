@@ -71,7 +71,7 @@ class Args:
     pretrained: str | None = None
     """Hub id or local folder of an SD3-family pipeline (tiny: ./tiny_sd3, sd3: stabilityai/stable-diffusion-3.5-medium)"""
     reward: str | None = None
-    """a reward, or a weighted sum as name=weight,...: geneval (toy world only), jpeg, pickscore (tiny: geneval, sd3: pickscore)"""
+    """a reward, or a weighted sum as name=weight,...: geneval, geneval_strict (toy world only), jpeg, pickscore (tiny: geneval, sd3: pickscore)"""
     prompt_file: str | None = None
     """text file, one prompt per line; None = the toy world's prompts (tiny) or the built-in DEFAULT_PROMPTS (sd3)"""
     output_dir: str = "runs/op_grpo"
@@ -230,8 +230,8 @@ def check_args(args: Args) -> None:
     problems += check_folders(args)
     try:
         rewards = parse_reward(args.reward)
-        if "geneval" in rewards and not uses_toy_world(args):
-            problems.append("--reward geneval scores the toy world's prompts: use it with --model tiny and no --prompt-file")
+        if any(name.startswith("geneval") for name in rewards) and not uses_toy_world(args):
+            problems.append(f"--reward {args.reward} scores the toy world's prompts: use it with --model tiny and no --prompt-file")
     except ValueError as error:
         problems.append(str(error))
     if args.prompt_file is not None:
@@ -512,6 +512,11 @@ def geneval_reward(images: list[Image.Image], prompts: list[str]) -> torch.Tenso
     return torch.tensor([toy_world.score_prompt(p, im)[1] for im, p in zip(images, prompts)])
 
 
+def geneval_strict_reward(images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+    """The toy world's strict 0/1 score, GenEval's own: 1 only if every requirement is met. Sparse: a group can be all 0."""
+    return torch.tensor([toy_world.score_prompt(p, im)[0] for im, p in zip(images, prompts)])
+
+
 def jpeg_reward(images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
     """DDPO's JPEG compressibility: minus the size in kB of the image saved as JPEG at quality 95."""
     sizes = []
@@ -545,7 +550,7 @@ def pickscore_reward(images: list[Image.Image], prompts: list[str]) -> torch.Ten
     return logits.diagonal().float().cpu() / 26
 
 
-REWARDS = {"geneval": geneval_reward, "jpeg": jpeg_reward, "pickscore": pickscore_reward}
+REWARDS = {"geneval": geneval_reward, "geneval_strict": geneval_strict_reward, "jpeg": jpeg_reward, "pickscore": pickscore_reward}
 
 
 def weighted_reward(weights: dict[str, float]):
@@ -1195,6 +1200,8 @@ def main(args: Args) -> list[dict]:
             clock = time.perf_counter()
             transformer.train()
             stats = {"loss": [], "clipfrac_on": [], "clipfrac_off": [], "approx_kl": [], "kl": []}
+            # groups whose rewards are all equal: zero advantage, no signal (common with a 0/1 reward)
+            stats["flat"] = (rewards.view(-1, G).std(dim=1) == 0).float().tolist()
             for minibatch_all in torch.randperm(B, generator=generator, device=device).chunk(args.updates_per_batch):
                 n_terms = trained_all[minibatch_all].sum()  # the loss averages over trained (sample, step) pairs
                 minibatch = local[minibatch_all][local[minibatch_all] >= 0]  # this process's rows, in the same order
@@ -1277,6 +1284,7 @@ def main(args: Args) -> list[dict]:
                 "approx_kl": float(np.mean(stats["approx_kl"])),
                 "kl_to_reference": float(np.mean(stats["kl"])) if stats["kl"] else None,
                 "replayed_groups": n_rep,
+                "flat_groups": float(np.mean(stats["flat"])),
                 "buffer_size": len(buffer),
                 "buffer_mean_age": buffer.mean_age(),
                 "buffer_admitted": admitted,

@@ -424,6 +424,16 @@ def test_verifier_works_at_other_resolutions():
     assert toy_world.score(spec, image.resize((128, 128), resample=0)) == (1.0, 1.0)
 
 
+def test_strict_and_dense_geneval_rewards():
+    rng = random.Random(3)
+    right = toy_world.render(toy_world.SPEC_BY_PROMPT["a red square left of a blue circle"], rng)
+    prompts = ["a red square left of a blue circle", "a red square right of a blue circle"]
+    strict = op_grpo.REWARDS["geneval_strict"]([right, right], prompts)
+    dense = op_grpo.REWARDS["geneval"]([right, right], prompts)
+    assert strict.tolist() == [1.0, 0.0]  # the flipped relation fails one requirement: no partial credit
+    assert dense[0].item() == 1.0 and 0.5 < dense[1].item() < 1.0
+
+
 def test_vocabulary_covers_every_prompt_one_token_per_word():
     tokenizer = toy_world.build_tokenizer()
     for spec in toy_world.all_specs():
