@@ -163,7 +163,7 @@ def summarise(args: BenchArgs, folders: dict) -> dict:
             flow, op = curves[flow_key], curves[(f"{setting}_op_grpo", seed)]
             reached = first_reach(op, flow["eval_reward"][-1])
             investigation[setting]["per_seed"].append({
-                "seed": seed, "flow_grpo_run": f"{flow_key[0]}_seed{seed}",
+                "seed": seed, "flow_grpo_run": f"{flow_key[0]}_seed{seed}", "op_grpo_run": f"{setting}_op_grpo_seed{seed}",
                 "flow_grpo_final": flow["eval_reward"][-1], "op_grpo_final": op["eval_reward"][-1],
                 "flow_grpo_change": flow["final_change"], "op_grpo_change": op["final_change"],
                 "change_se": max(flow["final_change_se"], op["final_change_se"]),
@@ -239,6 +239,24 @@ def plot(results: dict, args: BenchArgs, truncate_steps: int) -> None:
     ax.legend(fontsize=8, ncol=3)
     figure.tight_layout()
     figure.savefig(os.path.join(args.assets_dir, "benchmark_time.png"), dpi=110)
+
+
+    if results["investigation"]:  # one panel per setting: its Flow-GRPO and OP-GRPO curves, mean over its seeds
+        settings = results["investigation"]
+        figure, axes = plt.subplots(1, len(settings), figsize=(3.3 * len(settings), 3.4), sharey=True, squeeze=False)
+        for ax, (setting, inv) in zip(axes[0], settings.items()):
+            for key, colour in (("flow_grpo_run", "tab:blue"), ("op_grpo_run", "tab:red")):
+                names = [s[key] for s in inv["per_seed"]]
+                runs = [results["curves"][n] for n in names]
+                ax.plot(runs[0]["iterations"], np.mean([c["eval_reward"] for c in runs], axis=0), color=colour,
+                        label=f"{names[0].rsplit('_seed', 1)[0]} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+            ax.set_title(setting)
+            ax.set_xlabel("iteration")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("eval_reward (strict toy GenEval)")
+        figure.tight_layout()
+        figure.savefig(os.path.join(args.assets_dir, "benchmark_investigation.png"), dpi=110)
 
 
 def report(results: dict) -> None:
