@@ -47,6 +47,7 @@ INVESTIGATION = {
     "decay_0": (["--reward-decay", "0"], ("op_grpo",), 1),  # the buffer keeps each prompt's best ever
     "decay_0.05": (["--reward-decay", "0.05"], ("op_grpo",), 1),  # entries go stale within ~10 iterations
 }
+PAPER_RATIO = 0.342  # OP-GRPO's steps to Flow-GRPO's final score, over Flow-GRPO's (paper, mean over tasks)
 STAGES = ["time/sampling", "time/reward", "time/replay_old", "time/tail", "time/update"]  # what one iteration costs
 
 
@@ -143,6 +144,14 @@ def summarise(args: BenchArgs, folders: dict) -> dict:
         value = statistics.median([s[key] if s[key] is not None else math.inf for s in per_seed])
         return None if math.isinf(value) else value
 
+    # What the paper's speed-up would look like here: OP-GRPO's curve = Flow-GRPO's, time-compressed by 0.342
+    # (linear interpolation between evaluations, flat after the end); its curve mean minus Flow-GRPO's
+    implied = []
+    for seed in args.seeds:
+        flow = curves[("flow_grpo", seed)]
+        x = np.array(flow["iterations"][1:])
+        compressed = np.interp(np.minimum(x / PAPER_RATIO, x[-1]), flow["iterations"], flow["eval_reward"])
+        implied.append(float(np.mean(compressed) - np.mean(flow["eval_reward"][1:])))
     finals = {arm: mean_se([s[f"{arm}_final"] for s in per_seed]) for arm in ARMS}
     difference = mean_se([s["op_grpo_final"] - s["flow_grpo_final"] for s in per_seed])
     curve_difference = mean_se([s["op_grpo_mean_curve"] - s["flow_grpo_mean_curve"] for s in per_seed])
@@ -184,10 +193,13 @@ def summarise(args: BenchArgs, folders: dict) -> dict:
                     "torch": torch.__version__, "threads_per_run": 1, "runs_at_a_time": args.parallel},
         "per_seed": per_seed,
         "median_iteration_ratio": median_ratio("iteration_ratio"), "median_wall_clock_ratio": median_ratio("wall_clock_ratio"),
-        "targets": {"iteration_ratio": 0.30, "wall_clock_ratio": 0.40, "paper_iteration_ratio": 0.342},
+        "targets": {"iteration_ratio": 0.30, "wall_clock_ratio": 0.40, "paper_iteration_ratio": PAPER_RATIO},
         "final_eval_reward": {arm: {"mean": m, "se_over_seeds": se} for arm, (m, se) in finals.items()},
         "final_difference": {"mean": difference[0], "se_over_seeds": difference[1]},
         "mean_curve_difference": {"mean": curve_difference[0], "se_over_seeds": curve_difference[1]},
+        "paper_implied_curve_difference": dict(zip(("mean", "se_over_seeds"), mean_se(implied))),
+        # per seed, paper-implied minus measured: how far the measured curves are from the paper's claim
+        "shortfall_from_paper": dict(zip(("mean", "se_over_seeds"), mean_se([i - (s["op_grpo_mean_curve"] - s["flow_grpo_mean_curve"]) for i, s in zip(implied, per_seed)]))),
         "ablations": ablations, "investigation": investigation, "cliff": cliff, "seconds_per_iteration": times,
         "curves": {f"{name}_seed{seed}": c for (name, seed), c in curves.items()},
     }
@@ -268,6 +280,10 @@ def report(results: dict) -> None:
           f"median wall-clock ratio {fmt(results['median_wall_clock_ratio'])} (target <= 0.40)")
     d, c = results["final_difference"], results["mean_curve_difference"]
     print(f"final OP - Flow: {d['mean']:+.3f} +- {d['se_over_seeds']:.3f}; mean over the curve: {c['mean']:+.3f} +- {c['se_over_seeds']:.3f} (SE over seeds)")
+    p = results["paper_implied_curve_difference"]
+    q = results["shortfall_from_paper"]
+    print(f"the paper's speed-up (ratio {PAPER_RATIO}) would make the curve-mean difference {p['mean']:+.3f} +- {p['se_over_seeds']:.3f}; "
+          f"shortfall (paired over seeds) {q['mean']:.3f} +- {q['se_over_seeds']:.3f}")
     print("\nablation         final  change   clipfrac off  clipfrac on  IS weight mean")
     for name, a in results["ablations"].items():
         print(f"{name:15s} {a['final_eval_reward']:6.3f} {a['eval_change']:+7.3f}   {fmt(a['clipfrac_off_policy']):>11s}  {fmt(a['clipfrac_on_policy']):>11s}  {fmt(a['is_weight_mean']):>14s}")
