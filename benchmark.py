@@ -1,13 +1,15 @@
 """OP-GRPO against on-policy Flow-GRPO on the toy GenEval task, the paper's ablations, and the late-step cliff.
 
-  python benchmark.py             # the full benchmark: about 85 minutes on 2 CPU cores
-  python benchmark.py --quick     # a smoke run of every arm, a few minutes
+  python benchmark.py                                    # 3 seeds + ablations, 11 runs: about 1.5 h on 2 CPU cores
+  python benchmark.py --seeds 0 1 2 3 4 --investigate    # the README's results: 25 runs, about 3.5 h
+  python benchmark.py --quick                            # a smoke run of every arm, a few minutes
 
 Every run is `python op_grpo.py <flags> --threads 1` in a process of its own, `--parallel` (2) at a time: the two
 arms of a seed run side by side, so that they share the machine's load and their wall-clock times compare.
 A run whose metrics are complete is not run again, so an interrupted benchmark continues where it stopped.
-Writes the results (JSON) and three plots: evaluation reward vs iteration and vs training seconds, the per-step
-log p_old - log p_off of replayed trajectories, and the time per iteration by stage.
+Writes the results (JSON) and the plots: evaluation reward vs iteration and vs training seconds, the per-step
+log p_old - log p_off of replayed trajectories, the time per iteration by stage, and (--investigate) one panel
+per investigated setting.
 """
 
 import json
