@@ -1,7 +1,7 @@
 """OP-GRPO against on-policy Flow-GRPO on the toy GenEval task, the paper's ablations, and the late-step cliff.
 
   python benchmark.py                                    # 3 seeds + ablations, 11 runs: about 1.5 h on 2 CPU cores
-  python benchmark.py --seeds 0 1 2 3 4 --investigate    # the README's results: 25 runs, about 3.5 h
+  python benchmark.py --seeds 0 1 2 3 4 --investigate    # the README's results: 25 runs, about 3.6 h
   python benchmark.py --quick                            # a smoke run of every arm, a few minutes
 
 Every run is `python op_grpo.py <flags> --threads 1` in a process of its own, `--parallel` (2) at a time: the two
