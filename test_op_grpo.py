@@ -801,3 +801,24 @@ def test_two_processes_reproduce_one_and_keep_identical_weights(tmp_path):
                 np.testing.assert_allclose(b[key], a[key], rtol=1e-3, atol=1e-6)
         assert (a["replayed_groups"], a["buffer_size"], a["buffer_admitted"]) == (b["replayed_groups"], b["buffer_size"], b["buffer_admitted"])
     assert (tmp_path / "two" / op_grpo.CHECKPOINT).exists() and (tmp_path / "two" / "before_after.png").exists()
+
+
+def test_benchmark_ratio_is_the_first_evaluation_at_the_baseline_final():
+    import benchmark
+
+    def rows(rewards, seconds_per_iteration):
+        # the metrics.jsonl layout: row 0 carries the evaluation before training, then one every 2 iterations
+        out = [{"iteration": i, "time/update": seconds_per_iteration} for i in range(6)]
+        out[0].update(eval_reward=rewards[0])
+        for i, reward in zip((1, 3, 5), rewards[1:]):
+            out[i].update({"eval_reward": reward, "time/eval": 99.0})  # evaluation time is not training time
+        out[-1].update(eval_se=0.01, eval_change=rewards[-1] - rewards[0], eval_change_se=0.02)
+        return out
+
+    flow = benchmark.curve(rows([0.4, 0.42, 0.45, 0.50], 1.0))
+    op = benchmark.curve(rows([0.4, 0.47, 0.51, 0.49], 2.0))
+    assert flow["iterations"] == [0, 2, 4, 6] and flow["train_seconds"] == [0.0, 2.0, 4.0, 6.0]
+    iterations, seconds = benchmark.first_reach(op, flow["eval_reward"][-1])
+    assert (iterations / flow["iterations"][-1], seconds / flow["train_seconds"][-1]) == (4 / 6, 8 / 6)
+    assert benchmark.first_reach(op, 0.6) is None
+    assert benchmark.first_reach(op, 0.3) == (2, 4.0)  # the evaluation before training never counts
