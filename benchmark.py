@@ -125,38 +125,39 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
+def compare(flow: dict, op: dict) -> dict:
+    """One Flow-GRPO curve against one OP-GRPO curve (same seed and settings)."""
+    reached = first_reach(op, flow["eval_reward"][-1])
+    flow_mean, op_mean = float(np.mean(flow["eval_reward"][1:])), float(np.mean(op["eval_reward"][1:]))
+    # what the paper's speed-up would look like here: OP-GRPO's curve = Flow-GRPO's, time-compressed by 0.342
+    # (linear interpolation between evaluations, flat after the end)
+    x = np.array(flow["iterations"][1:])
+    compressed = np.interp(np.minimum(x / PAPER_RATIO, x[-1]), flow["iterations"], flow["eval_reward"])
+    return {
+        "flow_grpo_final": flow["eval_reward"][-1], "op_grpo_final": op["eval_reward"][-1],
+        "flow_grpo_final_se": flow["final_se"], "op_grpo_final_se": op["final_se"],
+        "flow_grpo_change": flow["final_change"], "op_grpo_change": op["final_change"],
+        "change_se": max(flow["final_change_se"], op["final_change_se"]),
+        # the paper's measure: OP-GRPO's iterations (and time) to Flow-GRPO's final score, over Flow-GRPO's
+        "iteration_ratio": reached[0] / flow["iterations"][-1] if reached else None,
+        "wall_clock_ratio": reached[1] / flow["train_seconds"][-1] if reached else None,
+        "flow_grpo_mean_curve": flow_mean, "op_grpo_mean_curve": op_mean, "mean_curve_difference": op_mean - flow_mean,
+        "paper_implied_curve_difference": float(np.mean(compressed)) - flow_mean,
+    }
+
+
 def summarise(args: BenchArgs, folders: dict) -> dict:
     rows = {key: load_rows(folder) for key, folder in folders.items()}
     curves = {key: curve(r) for key, r in rows.items()}
-    per_seed = []
-    for seed in args.seeds:
-        flow, op = curves[("flow_grpo", seed)], curves[("op_grpo", seed)]
-        target = flow["eval_reward"][-1]
-        reached = first_reach(op, target)
-        per_seed.append({
-            "seed": seed, "flow_grpo_final": target, "op_grpo_final": op["eval_reward"][-1],
-            "flow_grpo_final_se": flow["final_se"], "op_grpo_final_se": op["final_se"],
-            # the paper's measure: OP-GRPO's iterations (and time) to Flow-GRPO's final score, over Flow-GRPO's
-            "iteration_ratio": reached[0] / flow["iterations"][-1] if reached else None,
-            "wall_clock_ratio": reached[1] / flow["train_seconds"][-1] if reached else None,
-            "flow_grpo_mean_curve": float(np.mean(flow["eval_reward"][1:])), "op_grpo_mean_curve": float(np.mean(op["eval_reward"][1:])),
-        })
+    per_seed = [{"seed": seed, **compare(curves[("flow_grpo", seed)], curves[("op_grpo", seed)])} for seed in args.seeds]
 
     def median_ratio(key):  # a seed that never reaches the target counts as infinitely slow
         value = statistics.median([s[key] if s[key] is not None else math.inf for s in per_seed])
         return None if math.isinf(value) else value
 
-    # What the paper's speed-up would look like here: OP-GRPO's curve = Flow-GRPO's, time-compressed by 0.342
-    # (linear interpolation between evaluations, flat after the end); its curve mean minus Flow-GRPO's
-    implied = []
-    for seed in args.seeds:
-        flow = curves[("flow_grpo", seed)]
-        x = np.array(flow["iterations"][1:])
-        compressed = np.interp(np.minimum(x / PAPER_RATIO, x[-1]), flow["iterations"], flow["eval_reward"])
-        implied.append(float(np.mean(compressed) - np.mean(flow["eval_reward"][1:])))
     finals = {arm: mean_se([s[f"{arm}_final"] for s in per_seed]) for arm in ARMS}
     difference = mean_se([s["op_grpo_final"] - s["flow_grpo_final"] for s in per_seed])
-    curve_difference = mean_se([s["op_grpo_mean_curve"] - s["flow_grpo_mean_curve"] for s in per_seed])
+    curve_difference = mean_se([s["mean_curve_difference"] for s in per_seed])
     ablations = {}
     for name in ["op_grpo", *ABLATIONS]:
         r = rows[(name, args.seeds[0])]
@@ -171,15 +172,9 @@ def summarise(args: BenchArgs, folders: dict) -> dict:
         investigation[setting] = {"flags": flags, "arms": list(arms), "per_seed": []}
         for seed in args.seeds[:n_seeds]:
             flow_key = (f"{setting}_flow_grpo" if "flow_grpo" in arms else "flow_grpo", seed)
-            flow, op = curves[flow_key], curves[(f"{setting}_op_grpo", seed)]
-            reached = first_reach(op, flow["eval_reward"][-1])
             investigation[setting]["per_seed"].append({
                 "seed": seed, "flow_grpo_run": f"{flow_key[0]}_seed{seed}", "op_grpo_run": f"{setting}_op_grpo_seed{seed}",
-                "flow_grpo_final": flow["eval_reward"][-1], "op_grpo_final": op["eval_reward"][-1],
-                "flow_grpo_change": flow["final_change"], "op_grpo_change": op["final_change"],
-                "change_se": max(flow["final_change_se"], op["final_change_se"]),
-                "iteration_ratio": reached[0] / flow["iterations"][-1] if reached else None,
-                "mean_curve_difference": float(np.mean(op["eval_reward"][1:]) - np.mean(flow["eval_reward"][1:])),
+                **compare(curves[flow_key], curves[(f"{setting}_op_grpo", seed)]),
                 "flat_groups": {arm: mean_of(rows[key], "flat_groups") for arm, key in (("flow_grpo", flow_key), ("op_grpo", (f"{setting}_op_grpo", seed)))},
                 "clipfrac_off_policy": mean_of(rows[(f"{setting}_op_grpo", seed)], "clipfrac_off_policy"),
             })
@@ -199,9 +194,9 @@ def summarise(args: BenchArgs, folders: dict) -> dict:
         "final_eval_reward": {arm: {"mean": m, "se_over_seeds": se} for arm, (m, se) in finals.items()},
         "final_difference": {"mean": difference[0], "se_over_seeds": difference[1]},
         "mean_curve_difference": {"mean": curve_difference[0], "se_over_seeds": curve_difference[1]},
-        "paper_implied_curve_difference": dict(zip(("mean", "se_over_seeds"), mean_se(implied))),
+        "paper_implied_curve_difference": dict(zip(("mean", "se_over_seeds"), mean_se([s["paper_implied_curve_difference"] for s in per_seed]))),
         # per seed, paper-implied minus measured: how far the measured curves are from the paper's claim
-        "shortfall_from_paper": dict(zip(("mean", "se_over_seeds"), mean_se([i - (s["op_grpo_mean_curve"] - s["flow_grpo_mean_curve"]) for i, s in zip(implied, per_seed)]))),
+        "shortfall_from_paper": dict(zip(("mean", "se_over_seeds"), mean_se([s["paper_implied_curve_difference"] - s["mean_curve_difference"] for s in per_seed]))),
         "ablations": ablations, "investigation": investigation, "cliff": cliff, "seconds_per_iteration": times,
         "curves": {f"{name}_seed{seed}": c for (name, seed), c in curves.items()},
     }

@@ -818,7 +818,11 @@ def test_benchmark_ratio_is_the_first_evaluation_at_the_baseline_final():
     flow = benchmark.curve(rows([0.4, 0.42, 0.45, 0.50], 1.0))
     op = benchmark.curve(rows([0.4, 0.47, 0.51, 0.49], 2.0))
     assert flow["iterations"] == [0, 2, 4, 6] and flow["train_seconds"] == [0.0, 2.0, 4.0, 6.0]
-    iterations, seconds = benchmark.first_reach(op, flow["eval_reward"][-1])
-    assert (iterations / flow["iterations"][-1], seconds / flow["train_seconds"][-1]) == (4 / 6, 8 / 6)
+    result = benchmark.compare(flow, op)
+    assert (result["iteration_ratio"], result["wall_clock_ratio"]) == (4 / 6, 8 / 6)  # OP first >= 0.50 at iteration 4
+    assert result["mean_curve_difference"] == pytest.approx((0.47 + 0.51 + 0.49 - 0.42 - 0.45 - 0.50) / 3)
+    # the paper's speed-up: Flow-GRPO's curve read at 2 / 0.342 = 5.85 iterations (between 4 and 6), then at its end
+    at_2 = 0.45 + (0.50 - 0.45) * (2 / 0.342 - 4) / 2
+    assert result["paper_implied_curve_difference"] == pytest.approx((at_2 + 0.50 + 0.50 - 0.42 - 0.45 - 0.50) / 3)
     assert benchmark.first_reach(op, 0.6) is None
     assert benchmark.first_reach(op, 0.3) == (2, 4.0)  # the evaluation before training never counts
