@@ -121,8 +121,15 @@ def mean_of(rows: list[dict], key: str):
     return float(np.mean(values)) if values else None
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and its standard error over seeds; the SE is None for a single seed (not NaN: JSON has no NaN)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
+
+
+def pm(stat: dict, sign: str = "+") -> str:
+    """'mean +- SE' of a {"mean", "se_over_seeds"} entry, or 'mean (one seed: no SE)'."""
+    se = stat["se_over_seeds"]
+    return f"{stat['mean']:{sign}.3f} " + ("(one seed: no SE)" if se is None else f"+- {se:.3f}")
 
 
 def compare(flow: dict, op: dict) -> dict:
@@ -276,11 +283,11 @@ def report(results: dict) -> None:
     print(f"median iteration ratio {fmt(results['median_iteration_ratio'])} (target <= 0.30, paper 0.342); "
           f"median wall-clock ratio {fmt(results['median_wall_clock_ratio'])} (target <= 0.40)")
     d, c = results["final_difference"], results["mean_curve_difference"]
-    print(f"final OP - Flow: {d['mean']:+.3f} +- {d['se_over_seeds']:.3f}; mean over the curve: {c['mean']:+.3f} +- {c['se_over_seeds']:.3f} (SE over seeds)")
+    print(f"final OP - Flow: {pm(d)}; mean over the curve: {pm(c)} (SE over seeds)")
     p = results["paper_implied_curve_difference"]
     q = results["shortfall_from_paper"]
-    print(f"the paper's speed-up (ratio {PAPER_RATIO}) would make the curve-mean difference {p['mean']:+.3f} +- {p['se_over_seeds']:.3f}; "
-          f"shortfall (paired over seeds) {q['mean']:.3f} +- {q['se_over_seeds']:.3f}")
+    print(f"the paper's speed-up (ratio {PAPER_RATIO}) would make the curve-mean difference {pm(p)}; "
+          f"shortfall (paired over seeds) {pm(q, '')}")
     print("\nablation         final  change   clipfrac off  clipfrac on  IS weight mean")
     for name, a in results["ablations"].items():
         print(f"{name:15s} {a['final_eval_reward']:6.3f} {a['eval_change']:+7.3f}   {fmt(a['clipfrac_off_policy']):>11s}  {fmt(a['clipfrac_on_policy']):>11s}  {fmt(a['is_weight_mean']):>14s}")

@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -16,8 +17,10 @@ import pytest
 import torch
 import tyro
 from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image
 
 import op_grpo
+import plumbing
 import toy_world
 from op_grpo import (
     Args,
@@ -156,9 +159,9 @@ def test_group_advantages_closed_form():
     rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0], [0.0, 1.0, 0.0, 1.0]])
     adv = group_advantages(rewards)
     std = math.sqrt(1.25)  # population std of 1, 2, 3, 4
-    torch.testing.assert_close(adv[0], torch.tensor([-1.5, -0.5, 0.5, 1.5]) / (std + op_grpo.ADV_EPS))
+    torch.testing.assert_close(adv[0], torch.tensor([-1.5, -0.5, 0.5, 1.5]) / (std + 1e-4))
     assert torch.equal(adv[1], torch.zeros(4))  # equal rewards: no signal
-    torch.testing.assert_close(adv[2], torch.tensor([-0.5, 0.5, -0.5, 0.5]) / (0.5 + op_grpo.ADV_EPS))  # std 0.5
+    torch.testing.assert_close(adv[2], torch.tensor([-0.5, 0.5, -0.5, 0.5]) / (0.5 + 1e-4))  # std 0.5
     torch.testing.assert_close(adv.sum(dim=1), torch.zeros(3), atol=1e-6, rtol=0)
 
 
@@ -226,12 +229,12 @@ def test_clipped_surrogate_gradients_vanish_beyond_the_clip(advantage):
 
 def test_family_weighted_score_and_paired_change():
     per_family = {"single": [1, 0, 1, 1], "counting": [0, 0, 1, 0]}  # EVAL_MIX weights 0.2 and 0.3
-    mean, se = op_grpo.mix_mean_and_se(per_family)
+    mean, se = toy_world.mix_mean_and_se(per_family)
     assert mean == pytest.approx((0.2 * 0.75 + 0.3 * 0.25) / 0.5)
     assert se == pytest.approx(math.sqrt(0.2**2 * 0.1875 / 4 + 0.3**2 * 0.1875 / 4) / 0.5)
     before = {"held_out": {"counting": [0, 0, 1, 1]}, "train": {"single": [1, 1, 0, 0]}}
     after = {"held_out": {"counting": [1, 0, 1, 1]}, "train": {"single": [1, 1, 1, 1]}}
-    change, change_se = op_grpo.paired_change(before, after)
+    change, change_se = toy_world.paired_change(before, after)
     assert change == pytest.approx((0.25 + 0.5) / 2)  # mean of the two sets' changes
     assert change_se == pytest.approx(math.sqrt(0.1875 / 4 + 0.25 / 4) / 2)  # from per-image differences
 
@@ -541,7 +544,8 @@ def test_same_seed_same_metrics_and_two_plus_resume_plus_two_equals_four(tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_an_interrupted_run_leaves_a_checkpoint_that_resumes(tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_run_leaves_a_checkpoint_that_resumes_and_exits_128_plus_the_signal(tmp_path, signum, code):
     folder = tmp_path / "run"
     command = [sys.executable, os.path.join(HERE, "op_grpo.py"), "--iterations", "100", "--prompts-per-iteration", "4",
                "--group-size", "2", "--eval-per-family", "1", "--eval-every", "100", "--checkpoint-every", "0",
@@ -552,15 +556,91 @@ def test_an_interrupted_run_leaves_a_checkpoint_that_resumes(tmp_path):
         if log.exists() and log.read_text().count("\n") >= 1:
             break
         time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
-    assert "--resume" in stderr and "Traceback" not in stderr
+    assert process.returncode == code, stderr  # a scheduler can tell an interrupted run from a finished one
+    assert "Traceback" not in stderr
+    # the resume hint is a line of its own, not written onto the progress bar's line
+    hint = [line for line in stderr.replace("\r", "\n").splitlines() if "--resume" in line]
+    assert hint and hint[-1].startswith(f"stopped by {signal.Signals(signum).name} after iteration")
     saved = torch.load(folder / op_grpo.CHECKPOINT, weights_only=True)
     done = saved["iteration"]
     assert 1 <= done < 100 and len(saved["history"]) == done
-    rows = op_grpo.main(op_grpo.parse_cli(["--resume", str(folder), "--iterations", str(done + 1)]))
-    assert len(rows) == done + 1 and "eval_reward" in rows[-1]
+    if signum == signal.SIGINT:
+        rows = op_grpo.main(op_grpo.parse_cli(["--resume", str(folder), "--iterations", str(done + 1)]))
+        assert len(rows) == done + 1 and "eval_reward" in rows[-1]
+
+
+def test_resume_continues_in_the_folder_it_names_even_moved_or_copied(tmp_path, capsys):
+    op_grpo.main(short_run(tmp_path, "original", iterations=2))
+    os.rename(tmp_path / "original", tmp_path / "moved")  # a run folder moved after it was written
+    args = op_grpo.parse_cli(["--resume", str(tmp_path / "moved"), "--iterations", "3"])
+    assert args.output_dir == str(tmp_path / "moved")
+    op_grpo.main(args)
+    assert not (tmp_path / "original").exists()  # nothing recreated where args.json said the run once was
+    assert len((tmp_path / "moved" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert torch.load(tmp_path / "moved" / op_grpo.CHECKPOINT, weights_only=True)["iteration"] == 3
+    import shutil
+
+    shutil.copytree(tmp_path / "moved", tmp_path / "copy")  # a copy resumes too, and leaves the original alone
+    before = (tmp_path / "moved" / "metrics.jsonl").read_text()
+    op_grpo.main(op_grpo.parse_cli(["--resume", str(tmp_path / "copy"), "--iterations", "4"]))
+    assert (tmp_path / "moved" / "metrics.jsonl").read_text() == before
+    assert len((tmp_path / "copy" / "metrics.jsonl").read_text().splitlines()) == 4
+    # an explicit --output-dir elsewhere is allowed, and said
+    capsys.readouterr()
+    op_grpo.main(op_grpo.parse_cli(["--resume", str(tmp_path / "copy"), "--iterations", "5", "--output-dir",
+                                    str(tmp_path / "elsewhere")]))
+    assert f"writing to {tmp_path / 'elsewhere'}" in capsys.readouterr().out
+    assert torch.load(tmp_path / "elsewhere" / op_grpo.CHECKPOINT, weights_only=True)["iteration"] == 5
+
+
+def test_a_damaged_checkpoint_is_named_before_anything_is_loaded_or_rewritten(tmp_path, monkeypatch):
+    op_grpo.main(short_run(tmp_path, "run", iterations=1))
+    path = tmp_path / "run" / op_grpo.CHECKPOINT
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 4096] = bytes(4096)  # the right size, corrupted contents
+    path.write_bytes(bytes(data))
+    settings = (tmp_path / "run" / "args.json").read_text()
+    monkeypatch.setattr(op_grpo, "load_pipeline", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(plumbing.UsageError, match=r"--resume .*checkpoint\.pt"):
+        op_grpo.main(op_grpo.parse_cli(["--resume", str(tmp_path / "run"), "--iterations", "2"]))
+    assert (tmp_path / "run" / "args.json").read_text() == settings
+
+
+def test_bad_paths_and_devices_are_named_before_loading(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "not_a_pipeline").mkdir()
+    cases = [
+        (dict(output_dir=str(tmp_path / "a_file")), "--output-dir .*a_file is a file"),
+        (dict(output_dir=str(tmp_path / "a_file" / "run")), "--output-dir .* cannot be created"),
+        (dict(device="nosuch"), "--device nosuch is not a torch device"),
+        (dict(pretrained=str(tmp_path / "missing")), "--pretrained .*missing: no such folder"),
+        (dict(pretrained="tiny_sd"), "--pretrained tiny_sd: no such folder"),
+        (dict(pretrained=str(tmp_path / "not_a_pipeline")), "not a diffusers pipeline folder"),
+        (dict(resolution=40), r"--resolution must be a multiple of 4 \(VAE factor 4 x patch 1, at most 32\)"),
+        (dict(model="sd3", resolution=520), r"--resolution must be a multiple of 16 \(VAE factor 8 x patch 2\)"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((dict(device="cuda"), "--device cuda: this machine has 0 cuda device"))
+    for overrides, message in cases:
+        with pytest.raises(plumbing.UsageError, match=message):
+            check_args(Args(**{"output_dir": str(tmp_path / "out"), **overrides}))
+    check_args(Args(pretrained="someone/some-sd3-model", model="sd3"))  # a Hub id is left to the Hub
+    assert not (tmp_path / "out").exists()
+
+
+def test_start_up_line_and_before_after_grid_labels():
+    line = plumbing.batch_arithmetic(op_grpo.with_presets(Args(off_policy_fraction=0.125)), 1)
+    assert "1 replayed group on average" in line and "2 updates of 32 samples" in line
+    assert "no replay (on-policy Flow-GRPO)" in plumbing.batch_arithmetic(op_grpo.with_presets(Args(off_policy_fraction=0)), 1)
+    white, red = Image.new("RGB", (32, 32), "white"), Image.new("RGB", (32, 32), "red")
+    path = os.path.join(tempfile.mkdtemp(), "grid.png")
+    plumbing.before_after_grid(["a red circle"] * 2, [white] * 2, [red] * 2, path, columns=2)
+    grid = np.array(Image.open(path).convert("L"))
+    margin = grid[:, :40]  # the row labels "before" and "after" are drawn left of the images
+    rows_with_text = np.flatnonzero((margin < 128).any(axis=1))
+    assert len(rows_with_text) and rows_with_text.min() < 128 < rows_with_text.max() < 2 * 128 + 4
 
 
 def nan_on_call(function, call_to_break, when=lambda *a, **k: True):
@@ -580,7 +660,7 @@ def nan_on_call(function, call_to_break, when=lambda *a, **k: True):
 
 
 def test_a_nan_reward_is_named_and_that_update_skipped(tmp_path, monkeypatch):
-    monkeypatch.setitem(op_grpo.REWARDS, "geneval", nan_on_call(op_grpo.geneval_reward, 2))
+    monkeypatch.setitem(op_grpo.REWARDS, "geneval", nan_on_call(toy_world.geneval_reward, 2))
     rows = op_grpo.main(short_run(tmp_path, "run", iterations=3, off_policy_fraction=0.0))
     assert "reward_mean" in rows[0] and "reward_mean" in rows[2]
     assert rows[1]["skipped"].startswith("non-finite reward 'geneval'") and "for prompt '" in rows[1]["skipped"]
@@ -602,7 +682,7 @@ def test_a_failing_reward_names_the_reward_and_prompt_and_keeps_a_checkpoint(tmp
     def fragile(images, prompts):
         if any("triangle" in p for p in prompts):
             raise ZeroDivisionError("no triangles here")
-        return op_grpo.geneval_reward(images, prompts)
+        return toy_world.geneval_reward(images, prompts)
 
     monkeypatch.setitem(op_grpo.REWARDS, "geneval", fragile)
     with pytest.raises(RuntimeError, match=r"reward 'geneval' failed on prompt '[^']*triangle[^']*': ZeroDivisionError"):
@@ -613,17 +693,17 @@ def test_a_failing_reward_names_the_reward_and_prompt_and_keeps_a_checkpoint(tmp
 
 def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path):
     layer = torch.nn.Linear(2, 2)
-    op_grpo.save_checkpoint(str(tmp_path), layer, {"iteration": 1})
+    plumbing.save_checkpoint(str(tmp_path), layer, {"iteration": 1})
     with torch.no_grad():
         layer.weight[0, 0] = float("inf")
     with pytest.raises(op_grpo.NonFiniteError, match="weight weight"):
-        op_grpo.save_checkpoint(str(tmp_path), layer, {"iteration": 2})
+        plumbing.save_checkpoint(str(tmp_path), layer, {"iteration": 2})
     saved = torch.load(tmp_path / op_grpo.CHECKPOINT, weights_only=True)
     assert saved["iteration"] == 1 and torch.isfinite(saved["trainable"]["weight"]).all()
 
 
 def test_runs_and_resumes_that_would_lose_work_are_rejected_before_loading(tmp_path):
-    op_grpo.save_checkpoint(str(tmp_path), torch.nn.Linear(1, 1), {"iteration": 5})
+    plumbing.save_checkpoint(str(tmp_path), torch.nn.Linear(1, 1), {"iteration": 5})
     (tmp_path / "args.json").write_text(json.dumps(dataclasses.asdict(op_grpo.with_presets(Args()))))
     cases = [
         (dict(output_dir=str(tmp_path)), "--output-dir"),  # would overwrite a run
@@ -776,6 +856,7 @@ def test_a_model_that_cannot_be_fetched_gives_one_line_saying_what_to_do(tmp_pat
     message = [line for line in result.stderr.splitlines() if line.startswith("op_grpo.py: error:")]
     assert len(message) == 1 and "stabilityai/stable-diffusion-3.5-medium" in message[0]
     assert "hf auth login" in message[0] and "--pretrained" in message[0]
+    assert not (tmp_path / "run").exists()  # a start that failed leaves no output folder behind
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -788,6 +869,10 @@ def test_two_processes_reproduce_one_and_keep_identical_weights(tmp_path):
     for name, launcher in (("one", [sys.executable]), ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
         result = subprocess.run([*launcher, script, *flags, "--output-dir", str(tmp_path / name)], capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
+        if name == "one":  # the console: no library noise, no "eval=nan", and a closing line saying where results are
+            console = result.stdout + result.stderr
+            assert not any(noise in console for noise in ("torchvision", "Loading", "eval=nan", "Traceback"))
+            assert f"results in {tmp_path / name}/" in result.stdout
     one, two = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("one", "two"))
     assert len(one) == len(two) == 3 and any(r["replayed_groups"] for r in two)
     assert two[-1]["rank_weight_divergence"] == 0.0  # the summed gradients keep both copies bit-identical

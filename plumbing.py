@@ -1,0 +1,550 @@
+"""The infrastructure of op_grpo.py: nothing here changes what is computed.
+
+Argument checks, prompts, several processes, the NaN policy, checkpoints and resume, logging and timing, signals,
+the command line and the before/after picture. op_grpo.py holds the method and the training loop; it imports
+this file, which imports nothing of op_grpo.py.
+"""
+
+import contextlib
+import datetime
+import importlib.util
+import json
+import logging
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+import zipfile
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import tyro
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+import toy_world
+
+
+class UsageError(ValueError):
+    """A problem the user can fix (a flag, a file, a model that cannot be fetched): one `op_grpo.py: error:` line."""
+
+
+# (flag, requirement, test): check_args says "--flag must be <requirement>, got <value>"
+LIMITS = [
+    ("group_size", "at least 2 (advantages compare images within a group)", lambda v: v >= 2),
+    ("num_steps", "at least 2", lambda v: v >= 2),
+    ("off_policy_fraction", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("noise_level", "positive (0 is the deterministic ODE, which has no log-prob)", lambda v: v > 0),
+    ("guidance_scale", "at least 1 (1 disables guidance)", lambda v: v >= 1),
+    ("checkpoint_every", "non-negative (0 = only at the end and on a signal)", lambda v: v >= 0),
+    ("lora_alpha", "positive", lambda v: v is None or v > 0),
+    *[(f, "positive", lambda v: v > 0) for f in ("learning_rate", "clip_range", "adv_clip", "max_grad_norm")],
+    *[(f, "non-negative", lambda v: v >= 0)
+      for f in ("kl_beta", "reward_decay", "warmup_iterations", "lora_rank", "micro_batch", "max_sequence_length")],
+    *[(f, "at least 1", lambda v: v >= 1)
+      for f in ("iterations", "eval_every", "eval_per_family", "eval_steps", "buffer_capacity", "nonfinite_patience")],
+]
+
+
+def check_settings(args, embedded: str) -> list[str]:
+    """What is wrong with the settings (presets applied), each naming its flag; embedded: the tiny model's folder."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    problems = [f"{flag(f)} must be {rule}, got {getattr(args, f)}"
+                for f, rule, ok in LIMITS if not ok(getattr(args, f))]
+    world, K, n = int(os.environ.get("WORLD_SIZE", "1")), args.num_steps, args.prompts_per_iteration * args.group_size
+    for f, low, high, rule in [("prompts_per_iteration", world, n, f"at least the number of processes ({world})"),
+                               ("train_steps", 1, K, f"in [1, --num-steps={K}]"),
+                               ("truncate_steps", 0, K - 1, f"in [0, --num-steps={K})"),
+                               ("updates_per_batch", 1, n, f"in [1, {n}] (the samples per iteration)")]:
+        if getattr(args, f) is not None and not low <= getattr(args, f) <= high:
+            problems.append(f"{flag(f)} must be {rule}, got {getattr(args, f)}")
+    multiple, largest, why = image_sides(args.pretrained)
+    if not multiple <= args.resolution <= largest or args.resolution % multiple:
+        problems.append(f"--resolution must be a multiple of {multiple} ({why}), got {args.resolution}")
+    if args.prompt_file is not None:
+        try:
+            prompts = read_prompts(args.prompt_file) or "no prompts in it (one per line; blank and # lines are skipped)"
+        except (OSError, UnicodeDecodeError) as error:
+            prompts = str(error)
+        if isinstance(prompts, str):
+            problems.append(f"--prompt-file {args.prompt_file} cannot be used: {prompts}")
+    if args.wandb_project and importlib.util.find_spec("wandb") is None:
+        problems.append("--wandb-project needs the wandb package: pip install wandb")
+    return problems + check_device(args.device) + check_pretrained(args.pretrained, embedded) + check_folders(args)
+
+
+def check_device(name: str | None) -> list[str]:
+    """--device names a torch device that exists on this machine."""
+    try:
+        device = torch.device(name or "cpu")
+    except RuntimeError:
+        return [f"--device {name} is not a torch device (cpu, cuda, cuda:1, mps, ...)"]
+    count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    if (device.index or 0) >= count.get(device.type, 1):
+        return [f"--device {name}: this machine has {count[device.type]} {device.type} device(s)"]
+    return []
+
+
+def check_pretrained(path: str, embedded: str) -> list[str]:
+    """--pretrained is a pipeline folder or looks like a Hub id (org/name): a mistyped folder is named here."""
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return []
+    if path == embedded:
+        return [f"the embedded model is missing from {path}; rebuild it with `python toy_world.py`"]
+    if os.path.exists(path):
+        return [f"--pretrained {path} is not a diffusers pipeline folder (no model_index.json in it)"]
+    if path.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        return [f"--pretrained {path}: no such folder, and not a Hub id of the form org/name"]
+    return []
+
+
+def image_sides(pretrained: str) -> tuple[int, float, str]:
+    """(multiple, largest, why) for image sides: VAE factor x patch, and the largest side the transformer's position
+    embedding covers, read from a local pipeline folder's configs; else SD3's 8 x 2 and no known largest."""
+    try:
+        with open(os.path.join(pretrained, "vae", "config.json")) as f:
+            factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+        with open(os.path.join(pretrained, "transformer", "config.json")) as f:
+            config = json.load(f)
+        largest = factor * config["patch_size"] * config["pos_embed_max_size"]
+        why = f"VAE factor {factor} x patch {config['patch_size']}, at most {largest}"
+        return factor * config["patch_size"], largest, why
+    except (OSError, ValueError, KeyError, TypeError):
+        return 16, math.inf, "VAE factor 8 x patch 2"
+
+
+CHECKPOINT = "checkpoint.pt"  # in --output-dir: everything needed to continue the run exactly (see RunState)
+STRUCTURAL_FLAGS = ("model", "num_steps", "lora_rank", "resolution")  # the weights and stored trajectories need them
+
+
+def same_folder(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_folders(args) -> list[str]:
+    """--output-dir can be written and holds no run unless asked; --resume has a readable run that can go on."""
+    out, problems, parent = args.output_dir, [], os.path.abspath(args.output_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.exists(out) and not os.path.isdir(out):
+        problems.append(f"--output-dir {out} is a file, not a folder")
+    elif not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        problems.append(f"--output-dir {out} cannot be created ({parent} is not a writable folder)")
+    resuming_here = args.resume is not None and same_folder(args.resume, out)
+    if os.path.exists(os.path.join(out, CHECKPOINT)) and not resuming_here and not args.overwrite:
+        problems.append(f"--output-dir {out} already holds a run ({CHECKPOINT}); continue it with --resume {out}, "
+                        "or pass --overwrite, or choose another --output-dir")
+    if args.resume is None:
+        return problems
+    if not os.path.isfile(os.path.join(args.resume, CHECKPOINT)):
+        return problems + [f"--resume {args.resume}: no {CHECKPOINT} in that folder"]
+    try:
+        with open(os.path.join(args.resume, "args.json")) as f:
+            saved = json.load(f)
+        done = torch.load(os.path.join(args.resume, CHECKPOINT), map_location="cpu", weights_only=True, mmap=True)
+        done = done["iteration"]
+    except Exception as error:  # unreadable or truncated files: say which and why, no traceback
+        return problems + [f"--resume {args.resume}: cannot read its args.json and {CHECKPOINT} "
+                           f"({type(error).__name__}: {error})"]
+    problems += [f"--{f.replace('_', '-')} {getattr(args, f)} differs from the resumed run's {saved.get(f)}"
+                 for f in STRUCTURAL_FLAGS if saved.get(f) != getattr(args, f)]
+    if args.iterations <= done:
+        problems.append(f"--iterations {args.iterations}: the run in {args.resume} has already done {done}; raise it")
+    return problems
+
+
+def from_hub(name: str, load):
+    """Run a from_pretrained call; a missing, gated or unreachable model becomes one UsageError saying what to do."""
+    try:
+        return load()
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot load {name} ({reason}). Log in with `hf auth login` (gated models such as SD3.5 "
+                         "also need their license accepted on the Hub page), or download it with `hf download <id>` "
+                         "on a machine with access and point HF_HOME at that cache, or give --pretrained a "
+                         "folder") from None
+
+
+def read_prompts(path: str) -> list[str]:
+    """A prompt file: one prompt per line; blank lines and lines starting with # are skipped."""
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+
+
+# --model sd3 without --prompt-file: a small, varied list in the spirit of the PickScore/DrawBench prompts
+DEFAULT_PROMPTS = [
+    "a red fox sleeping in fresh snow, morning light", "a lighthouse on a cliff during a thunderstorm",
+    "a bowl of ramen with a soft-boiled egg, top view", "an astronaut riding a horse on the moon",
+    "a watercolor painting of a quiet harbor town", "a close-up portrait of an old fisherman, film photo",
+    "a cozy reading nook with a cat and a stack of books", "a glass teapot with blooming tea on a wooden table",
+    "a futuristic city at dusk with flying trains", "three ripe pears on a blue plate, still life",
+    "a hummingbird drinking from a purple flower", "a snowy mountain cabin under the northern lights",
+    "a vintage bicycle leaning against a yellow wall", "an owl wearing tiny round glasses reading a map",
+    "a bustling night market with paper lanterns", "a macro photo of a dew drop on a spider web",
+    "a sailboat on a calm lake at sunrise", "a corgi in a raincoat jumping into a puddle",
+    "a cathedral interior with sunbeams through stained glass", "a plate of colorful macarons in a bakery window",
+    "an isometric illustration of a tiny island with a windmill", "a jazz trio playing in a smoky club, oil painting",
+    "a green frog sitting on a lily pad in the rain", "a desert road with a red convertible at golden hour",
+]
+
+
+def prompt_sets(args, toy: bool, rng: random.Random):
+    """(training prompts, evaluation sets name -> prompts, draw(n) -> n training prompts). The toy world: prompts
+    drawn by family (EVAL_MIX), a held-out and a training evaluation set; a prompt list: uniform draws, cycled."""
+    if toy:
+        specs, _ = toy_world.split_specs()
+        def draw(n):
+            return [toy_world.describe(s) for s in toy_world.sample_specs(specs, toy_world.EVAL_MIX, n, rng)]
+
+        return sorted({toy_world.describe(s) for s in specs}), toy_world.eval_prompts(args.eval_per_family), draw
+    prompts = read_prompts(args.prompt_file) if args.prompt_file else DEFAULT_PROMPTS
+    sets = {"prompts": [prompts[i % len(prompts)] for i in range(args.eval_per_family)]}
+    return prompts, sets, lambda n: [rng.choice(prompts) for _ in range(n)]
+
+
+def batch_arithmetic(args, world: int) -> str:
+    """The start-up line: what one iteration samples and trains."""
+    P, G, K, updates = args.prompts_per_iteration, args.group_size, args.num_steps, args.updates_per_batch
+    n = args.off_policy_fraction * P
+    replay = (f"{n:g} replayed group{'s' * (n != 1)} on average ({G - 1} fresh + 1 stored, last {args.truncate_steps} "
+              f"steps regenerated) -> {P * G - n:g} fresh samples" if n else "no replay (on-policy Flow-GRPO)")
+    return (f"batch: {P} prompts x {G} images = {P * G} trajectories of {K} steps per iteration; {replay}; "
+            f"{updates} update{'s' * (updates != 1)} of {P * G // updates} samples on the first "
+            f"{args.train_steps or K - 1} steps" + (f", {args.micro_batch} per pass" if args.micro_batch else "")
+            + (f"; {world} processes, whole groups each" if world > 1 else ""))
+
+
+def prepare_output_dir(args, processes) -> None:
+    """Create --output-dir and write args.json there (rank 0), once the model has loaded."""
+    if processes.main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+
+
+class Processes:
+    """Several processes (torchrun / accelerate launch) and their bookkeeping. Every process draws the same prompts
+    and noise from the same seeds and keeps the prompt slots rank, rank + world, ...: whole groups, so advantages
+    need no exchange. Gradients are summed once per optimizer step; rank 0 evaluates, logs, prints and writes
+    checkpoints. With one process every method is a no-op."""
+
+    def __init__(self, args):
+        self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), 0
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.world > 1:
+            use_cuda = torch.cuda.is_available() and args.device in (None, "cuda")
+            if use_cuda:
+                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            if not torch.distributed.is_initialized():  # an hour: the other ranks wait while rank 0 evaluates alone
+                torch.distributed.init_process_group("nccl" if use_cuda else "gloo",
+                                                     timeout=datetime.timedelta(hours=1))
+            self.rank = torch.distributed.get_rank()
+            self.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+        self.main = self.rank == 0
+
+    def say(self, *a, **k) -> None:
+        if self.main:
+            print(*a, **k)
+
+    def slots(self, n: int) -> list[int]:
+        return list(range(self.rank, n, self.world))
+
+    def gather(self, obj) -> list:
+        """Every process's `obj` (picklable), in rank order."""
+        out = [obj] * self.world
+        if self.world > 1:
+            torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def any(self, flag: bool) -> bool:
+        return any(self.gather(flag))
+
+    def sum_gradients(self, parameters: list) -> None:
+        """Once per optimizer step. (DDP would sync inside every backward and needs the same number of them on every
+        rank; here each rank runs one pass per (step, micro-batch) it holds.)"""
+        for p in parameters if self.world > 1 else []:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad  # None: this rank had no sample in the minibatch
+            torch.distributed.all_reduce(p.grad)
+
+    def divergence(self, parameters: list) -> dict:
+        """{"rank_weight_divergence": largest |weight - rank 0's weight|}, 0 when every copy is identical."""
+        if self.world == 1:
+            return {}
+        local = torch.cat([p.detach().flatten().float() for p in parameters])
+        reference = local.clone()
+        torch.distributed.broadcast(reference, src=0)
+        divergence = (local - reference).abs().max()
+        torch.distributed.all_reduce(divergence, op=torch.distributed.ReduceOp.MAX)
+        return {"rank_weight_divergence": divergence.item()}
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or inf in a named quantity. The NaN policy skips the rest of the iteration's update when one is raised."""
+
+
+def require_finite(name: str, tensor: torch.Tensor, where: str = "") -> None:
+    """Raise NonFiniteError naming the quantity (and the step) if `tensor` holds a NaN or inf."""
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteError(f"non-finite {name}" + (f" {where}" if where else ""))
+
+
+class NonFinitePolicy:
+    """The NaN policy and the crash checkpoint, around each iteration.
+
+    A NonFiniteError (a NaN/inf velocity, log-prob, reward, ratio, IS weight, KL, loss or gradient norm, named by
+    require_finite) skips the rest of the iteration's update with a warning; optimizer steps already taken had
+    finite gradients and stay. After --nonfinite-patience such iterations in a row the run stops with a checkpoint.
+    With several processes the job stops instead (the others cannot know). Any other exception, or a second
+    Ctrl-C, before the iteration changed any state (`pristine`) checkpoints that state, random streams rewound.
+    """
+
+    def __init__(self, args, state):
+        self.args, self.state, self.processes = args, state, state.processes
+        self.in_a_row, self.skipped, self.pristine = 0, None, True
+
+    @contextlib.contextmanager
+    def iteration(self, iteration: int):
+        rng_at_start, self.pristine, self.skipped = self.state.rng_states(), True, None
+        try:
+            yield
+        except NonFiniteError as problem:
+            if self.processes.world > 1:
+                raise
+            self.state.optimizer.zero_grad(set_to_none=True)
+            self.in_a_row, self.skipped = self.in_a_row + 1, str(problem)
+            tqdm.write(f"iteration {iteration}: {problem}; update skipped ({self.in_a_row} in a row)", file=sys.stderr)
+            if self.in_a_row >= self.args.nonfinite_patience:
+                self.state.history.append({"iteration": iteration, "skipped": self.skipped})
+                self.state.save(iteration + 1)
+                raise RuntimeError(f"stopping after {self.in_a_row} iterations in a row with non-finite values (last: "
+                                   f"{problem}); the weights are finite and saved in "
+                                   f"{self.args.output_dir}/{CHECKPOINT}")
+        except BaseException:
+            if self.pristine:
+                self.state.save(iteration, rng_at_start)
+            raise
+        else:
+            self.in_a_row = 0
+
+
+def save_checkpoint(folder: str, transformer, state: dict) -> None:
+    """Write <folder>/checkpoint.pt: the trainable weights (all of them, or the adapters) plus `state`. Weights
+    holding a NaN or inf are never written; the file is replaced atomically (a crash while writing keeps the last)."""
+    trainable = {name: p.detach().cpu().clone() for name, p in transformer.named_parameters() if p.requires_grad}
+    for name, weight in trainable.items():
+        require_finite(f"weight {name}", weight, "(checkpoint not written; the previous one is kept)")
+    path = os.path.join(folder, CHECKPOINT)
+    torch.save({**state, "trainable": trainable}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def read_checkpoint(folder: str) -> dict:
+    """The whole checkpoint of a run to resume; a damaged file is a UsageError naming it."""
+    path = os.path.join(folder, CHECKPOINT)
+    try:
+        with zipfile.ZipFile(path) as archive:  # torch.load does not check the CRC-32s that torch.save writes
+            damaged = archive.testzip()
+        if damaged:
+            raise ValueError(f"its record {damaged} fails its CRC check: the file is damaged")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or corrupted file: say which and why, no traceback
+        raise UsageError(f"--resume {folder}: cannot read {path} ({type(error).__name__}: {error})") from None
+    missing = {"iteration", "trainable", "optimizer", "scheduler", "buffer", "rng", "history", "baseline"} - set(saved)
+    if missing:
+        raise UsageError(f"--resume {folder}: {path} lacks {sorted(missing)}")
+    return saved
+
+
+class RunState:
+    """Everything --resume needs, in one checkpoint dict: trainable weights, AdamW and warm-up, the buffer, all random
+    streams (prompts, noise and minibatches, torch's global), the iteration, the metrics so far and the baseline
+    evaluation. Rank 0 writes it; every rank holds the same state."""
+
+    def __init__(self, args, transformer, optimizer, scheduler, buffer, rng, generator, processes):
+        self.args, self.transformer, self.optimizer, self.scheduler = args, transformer, optimizer, scheduler
+        self.buffer, self.rng, self.generator, self.processes = buffer, rng, generator, processes
+        self.history, self.baseline = [], None
+
+    def rng_states(self) -> dict:
+        return {"python": self.rng.getstate(), "generator": self.generator.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def save(self, next_iteration: int, rng_states: dict | None = None) -> None:
+        if self.processes.main:
+            save_checkpoint(self.args.output_dir, self.transformer, {
+                "iteration": next_iteration, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "buffer": self.buffer.state_dict(),
+                "rng": rng_states or self.rng_states(), "history": self.history, "baseline": self.baseline})
+
+    def load(self, saved: dict) -> int:
+        """Restore from a checkpoint dict (after the KL reference copy was made: it stays the base model)."""
+        if set(saved["trainable"]) != {n for n, p in self.transformer.named_parameters() if p.requires_grad}:
+            raise UsageError(f"--resume {self.args.resume}: its trainable weights do not match this model's")
+        self.transformer.load_state_dict(saved["trainable"], strict=False)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.buffer.load_state_dict(saved["buffer"])
+        self.rng.setstate(saved["rng"]["python"])
+        self.generator.set_state(saved["rng"]["generator"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        if saved["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        self.history, self.baseline = saved["history"], saved["baseline"]
+        return saved["iteration"]
+
+
+def iteration_metrics(args, fresh: dict, replayed: dict | None, batch: dict, stats: dict, processes) -> dict:
+    """The logged numbers of an iteration's rollouts and update, over every process's samples."""
+    flat = (batch["rewards"].view(-1, args.group_size).std(dim=1) == 0).float().tolist()  # groups with no signal
+    # replayed trajectories: weights, re-scored rewards, log p_old - log p_off per step (R, K)
+    mine = replayed and (batch["is_weight"][batch["replayed"]].cpu(), replayed["rewards"].cpu(),
+                         (replayed["log_prob_old"] - replayed["log_prob_behavior"]).cpu())
+    parts = processes.gather((fresh["rewards"].cpu(), stats, flat, mine))
+    rewards, rep = torch.cat([p[0] for p in parts]), [p[3] for p in parts if p[3]]
+    stats = {key: [x for p in parts for x in p[1][key]] for key in stats}
+    mean = lambda values: float(np.mean(values)) if values else None  # noqa: E731
+    row = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+           "loss": float(np.sum(stats["loss"])) / args.updates_per_batch,
+           "clipfrac_on_policy": mean(stats["clipfrac_on"]),
+           "clipfrac_off_policy": mean(stats["clipfrac_off"]), "approx_kl": mean(stats["approx_kl"]),
+           "kl_to_reference": mean(stats["kl"]), "flat_groups": mean([x for p in parts for x in p[2]])}
+    if rep:
+        w, rep_rewards, log_ratio = (torch.cat(ts) for ts in zip(*rep))
+        row.update({"is_weight_mean": w.mean().item(), "is_weight_min": w.min().item(), "is_weight_max": w.max().item(),
+                    "replay_reward_mean": rep_rewards.mean().item(),
+                    # the late-step "cliff" (paper Fig. 2): per-step mean and spread of log p_old - log p_off
+                    "log_ratio_old_behavior_per_step": log_ratio.mean(0).tolist(),
+                    "log_ratio_old_behavior_per_step_std": log_ratio.std(0, correction=0).tolist()})
+    return row
+
+
+@contextlib.contextmanager
+def timed(timings: dict, stage: str):
+    """Seconds spent in the block, stored as timings["time/<stage>"]."""
+    clock = time.perf_counter()
+    yield
+    timings[f"time/{stage}"] = time.perf_counter() - clock
+
+
+class Logger:
+    """metrics.jsonl (a resumed run's earlier rows first), the progress bar, and optionally Weights & Biases."""
+
+    def __init__(self, args, processes, history: list, start: int):
+        self.main, self.tracker, self.eval = processes.main, None, None
+        if args.wandb_project and self.main:
+            import wandb
+
+            self.wandb = wandb
+            self.tracker = wandb.init(project=args.wandb_project, config=asdict(args), dir=args.output_dir)
+        self.file = open(os.path.join(args.output_dir, "metrics.jsonl") if self.main else os.devnull, "w")
+        self.file.writelines(json.dumps(row) + "\n" for row in history)
+        self.bar = tqdm(desc="OP-GRPO" if args.off_policy_fraction else "Flow-GRPO", initial=start,
+                        total=args.iterations, dynamic_ncols=True, disable=not self.main)
+
+    def log(self, row: dict, samples=None) -> None:
+        """One iteration's row; `samples` [(image, caption)] go to wandb with each evaluation."""
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        self.eval = row.get("eval_reward", self.eval)
+        self.bar.update(1)
+        shown = (("reward", row.get("reward_mean")), ("eval", self.eval))
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown if v is not None})
+        if self.tracker:
+            self.tracker.log({k: v for k, v in row.items() if not isinstance(v, list)}, step=row["iteration"])
+            if "eval_reward" in row and samples:
+                images = [self.wandb.Image(image, caption=caption) for image, caption in samples]
+                self.tracker.log({"samples": images}, step=row["iteration"])
+
+    def close(self, message: str | None = None) -> None:
+        self.bar.close()
+        self.file.close()
+        if message and self.main:
+            print(message, file=sys.stderr)
+
+    def finish(self, grid_path: str) -> None:
+        if self.tracker:
+            self.tracker.log({"before_after": self.wandb.Image(grid_path)})
+            self.tracker.finish()
+
+
+STOP_REQUESTED: list[int] = []  # signal numbers received; main() checks after every iteration
+
+
+def request_stop(signum, frame) -> None:
+    """SIGINT/SIGTERM: the first lets the current iteration finish and a checkpoint be written, after which the
+    process exits with 128 + the signal number (130, 143); a second stops at once, keeping the last checkpoint."""
+    if STOP_REQUESTED:
+        raise KeyboardInterrupt
+    STOP_REQUESTED.append(signum)
+    print(f"\n{signal.Signals(signum).name}: finishing this iteration and writing a checkpoint (send it again to stop "
+          "now)", file=sys.stderr, flush=True)
+
+
+def quiet_libraries() -> None:
+    """No loading bars from diffusers and transformers, and no warning about torchvision, which nothing here uses."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    for handler in logging.getLogger("transformers").handlers:
+        handler.addFilter(lambda record: "torchvision" not in record.getMessage())
+
+
+def parse_cli(cls, argv: list[str]):
+    """tyro's command line. With --resume FOLDER the defaults become that run's args.json with --output-dir FOLDER:
+    a resumed run keeps its settings and its folder, and only the flags given again change (e.g. --iterations)."""
+    defaults = cls()
+    for i, token in enumerate(argv):
+        if token == "--resume" or token.startswith("--resume="):
+            folder = token.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
+            try:
+                with open(os.path.join(folder, "args.json")) as f:
+                    defaults = cls(**{**json.load(f), "overwrite": False, "output_dir": folder})
+            except (OSError, ValueError, TypeError) as error:
+                raise UsageError(f"--resume {folder}: cannot read the run's args.json ({error})") from None
+    return tyro.cli(cls, args=argv, default=defaults)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation output: the summary line and the before/after picture
+# ---------------------------------------------------------------------------------------------------------
+def eval_summary(metrics: dict, sets: dict) -> str:
+    return (f"eval_reward {metrics['eval_reward']:.3f} +- {metrics['eval_se']:.3f} ("
+            + ", ".join(f"{name} {metrics[f'eval/{name}']:.3f}" for name in sets) + ")")
+
+
+def grid_picks(sets: dict, n: int = 16) -> list[tuple[int, str]]:
+    """The n evaluation images of the before/after grid, spread evenly over the first set: (index, prompt)."""
+    prompts = next(iter(sets.values()))
+    return [(int(i), prompts[int(i)]) for i in np.linspace(0, len(prompts) - 1, n).round()]
+
+
+def grid_images(images: dict, sets: dict) -> list[torch.Tensor]:
+    """The grid's picks of an evaluation's images as (H, W, 3) uint8 tensors, to be kept in the checkpoint."""
+    return [torch.from_numpy(np.array(images[next(iter(sets))][i])) for i, _ in grid_picks(sets)]
+
+
+def before_after_grid(prompts, before, after, path, score=None, columns=8):
+    """Cells of the image before training above the one after (rows labelled on the left), the prompt and (toy
+    world) both strict scores underneath; score(prompt, image) -> 0/1."""
+    side, cell_w, gap, margin = 128, 150, 4, 44
+    cell_h, rows = 2 * side + gap + 40, math.ceil(len(prompts) / columns)
+    grid = Image.new("RGB", (margin + cell_w * columns, cell_h * rows), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, prompt in enumerate(prompts):
+        x, y = margin + (i % columns) * cell_w, (i // columns) * cell_h
+        for row, (label, image) in enumerate((("before", before[i]), ("after", after[i]))):
+            resample = Image.NEAREST if image.width <= side else Image.LANCZOS  # tiny images are shown as blocks
+            grid.paste(image.resize((side, side), resample), (x + (cell_w - side) // 2, y + row * (side + gap)))
+            draw.text((4, y + row * (side + gap) + side // 2 - 5), label, fill="black")
+        words = prompt.split()
+        lines = [" ".join(words[:4]), " ".join(words[4:8])]
+        lines += [f"before {score(prompt, before[i]):.0f}  after {score(prompt, after[i]):.0f}"] if score else []
+        for n, text in enumerate(lines):
+            draw.text((x + 3, y + 2 * side + gap + 2 + 11 * n), text, fill="black")
+    grid.save(path)
