@@ -15,7 +15,8 @@ late steps cut off and regenerated, its surrogate loss multiplied by a sequence-
   python op_grpo.py --model sd3              # Stable Diffusion 3.5 Medium with LoRA and PickScore, one GPU
 
 Reading order: Args -> pure math -> replay buffer -> rewards -> model helpers -> the stages of one iteration ->
-main() -> evaluation. Below the INFRASTRUCTURE banner: what does not change what is computed.
+main() -> evaluation -> the command line. What does not change what is computed (argument checks, processes, NaN
+policy, checkpoints, logging, signals) is in plumbing.py.
 
 Notation (code name = paper symbol)
   B, P, G           samples in a batch, prompts per iteration, group size (images per prompt)
@@ -31,8 +32,8 @@ Notation (code name = paper symbol)
   ratio             r_k = p_theta / p_old, per step (Eq. 6)
   is_weight         w = prod over kept steps of p_old / p_off (Eq. 10); 1 for fresh samples
   keep              steps that enter the loss; a replayed trajectory drops its last `truncate_steps` (Eq. 12)
-  rho               --off-policy-fraction: share of the P prompt slots that replay a stored trajectory
-  replayed          the one word for those slots, their prompts, trajectories and groups
+  rho, replayed     --off-policy-fraction, the share of the P prompt slots that replay a stored trajectory;
+                    "replayed" is the one word for those slots, their prompts, trajectories and groups
 """
 
 import contextlib
@@ -52,7 +53,7 @@ from PIL import Image
 
 import plumbing
 import toy_world
-from plumbing import CHECKPOINT, NonFiniteError, UsageError, from_hub, require_finite, timed
+from plumbing import NonFiniteError, UsageError, from_hub, require_finite, timed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -498,12 +499,6 @@ def embed_prompts(pipe, prompts: list[str], max_sequence_length: int) -> dict[st
     return table
 
 
-def latent_shape(pipe, resolution: int) -> tuple[int, int, int]:
-    """(C, H, W) of the latents for square images of `resolution` pixels."""
-    side = resolution // pipe.vae_scale_factor
-    return (pipe.transformer.config.in_channels, side, side)
-
-
 def noise_schedule(pipe, num_steps: int, device) -> torch.Tensor:
     """The scheduler's sigmas (K + 1,), from 1 down to 0, with its shift applied (as the stock pipeline)."""
     scheduler = copy.deepcopy(pipe.scheduler)
@@ -542,8 +537,9 @@ def load_model(args: Args, device: torch.device, prompts: list[str]) -> Model:
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    side = args.resolution // pipe.vae_scale_factor  # latents are (C, side, side)
     return Model(pipe, pipe.transformer, reference, table, noise_schedule(pipe, args.num_steps, device),
-                 latent_shape(pipe, args.resolution), device, tuple(t.to(device) for t in table[""]))
+                 (pipe.transformer.config.in_channels, side, side), device, tuple(t.to(device) for t in table[""]))
 
 
 def predict_velocity(transformer, x, sigma, embeds, pooled, guidance_scale, uncond=None):
@@ -577,19 +573,20 @@ def step_log_prob(transformer, x, x_next, k, cond, model: Model, args: Args, whe
 
 
 @torch.no_grad()
-def sample_trajectories(model: Model, start, sigmas, first_step, prompts, noise_level, guidance_scale, generator=None,
-                        rows=None):
-    """Run the sampler from latents `start` (B, C, H, W) at sigmas[first_step] down to sigma = 0.
-
-    -> latents (B, K - first_step + 1, C, H, W) including `start`, log_probs (B, K - first_step), NaN for the
-    ODE (noise_level 0), which draws no noise. rows = (index, total): `start` is rows `index` of a batch of `total`;
-    each SDE step draws the whole batch's noise and keeps those rows, so that a trajectory's noise does not depend on
-    how the batch is dealt out to processes.
+def sample_trajectories(model: Model, start, sigmas, first_step, prompts, noise_level, guidance_scale, micro_batch=0,
+                        generator=None, rows=None):
+    """Run the sampler from latents `start` (B, C, H, W) at sigmas[first_step] down to sigma = 0, micro_batch
+    samples per transformer pass (0 = all). -> latents (B, K - first_step + 1, C, H, W) including `start`, log_probs
+    (B, K - first_step), NaN for the ODE (noise_level 0), which draws no noise. rows = (index, total): `start` is
+    rows `index` of a batch of `total`; each SDE step draws the whole batch's noise and keeps those rows, so that a
+    trajectory's noise depends neither on how the batch is dealt out to processes nor on micro_batch.
     """
     (embeds, pooled), (index, total) = model.condition(prompts), rows or (slice(None), len(start))
-    latents, log_probs, x = [start.float()], [], start
+    size = micro_batch or len(start)
+    latents, log_probs, x, chunks = [start.float()], [], start, [slice(i, i + size) for i in range(0, len(start), size)]
     for k in range(first_step, len(sigmas) - 1):
-        v = predict_velocity(model.transformer, x, sigmas[k], embeds, pooled, guidance_scale, model.uncond)
+        v = torch.cat([predict_velocity(model.transformer, x[c], sigmas[k], embeds[c], pooled[c], guidance_scale,
+                                        model.uncond) for c in chunks])
         require_finite("velocity", v, f"while sampling step {k}")
         noise = None
         if noise_level > 0:
@@ -654,7 +651,7 @@ def rollout(model: Model, args: Args, slot_prompts: list[str], n_replayed: int, 
     prompts = [slot_prompts[s] for s in slots for _ in range(sizes[s])]
     noise = torch.randn((int(first[-1]), *model.shape), generator=generator, device=model.device)[rows]
     latents, log_probs = sample_trajectories(model, noise, model.sigmas, 0, prompts, args.noise_level,
-                                             args.guidance_scale, generator, (rows, int(first[-1])))
+                                             args.guidance_scale, args.micro_batch, generator, (rows, int(first[-1])))
     images = decode(model.pipe, latents[:, -1], args.micro_batch)
     return {"prompts": prompts, "latents": latents, "log_probs": log_probs, "images": images}
 
@@ -680,7 +677,7 @@ def regenerate_tail(model: Model, args: Args, replayed: dict, reward_fn) -> None
     reward belongs to the trajectory trained on). Updates `replayed` in place."""
     start = args.num_steps - args.truncate_steps
     tail, _ = sample_trajectories(model, replayed["latents"][:, start], model.sigmas, start, replayed["prompts"], 0.0,
-                                  args.guidance_scale)
+                                  args.guidance_scale, args.micro_batch)
     replayed["latents"] = torch.cat([replayed["latents"][:, :start], tail], dim=1)
     images = decode(model.pipe, replayed["latents"][:, -1], args.micro_batch)
     replayed["rewards"] = compute_rewards(reward_fn, args.reward, images, replayed["prompts"])
@@ -906,8 +903,10 @@ def main(args: Args) -> list[dict]:
             return state.history
     state.save(args.iterations)  # lets --resume with a higher --iterations train on
     logger.close()
-    if processes.main:
-        report_results(args, model, state, sets, images, logger)
+    if processes.main:  # before/after scores, the grid (toy world: with strict scores), the fine-tuned weights
+        score = (lambda prompt, image: toy_world.score_prompt(prompt, image)[0]) if uses_toy_world(args) else None
+        plumbing.report_results(args, state, sets, images, logger, score,
+                                lambda folder: save_weights(model.transformer, args, folder))
     return state.history
 
 
@@ -928,7 +927,8 @@ def evaluate(model: Model, args: Args, sets: dict, eval_sigmas: torch.Tensor, re
         images, size = [], 4 * args.micro_batch or 64
         for chunk in (prompts[i : i + size] for i in range(0, len(prompts), size)):
             noise = torch.randn((len(chunk), *model.shape), generator=generator, device=model.device)
-            latents, _ = sample_trajectories(model, noise, eval_sigmas, 0, chunk, 0.0, args.guidance_scale)
+            latents, _ = sample_trajectories(model, noise, eval_sigmas, 0, chunk, 0, args.guidance_scale,
+                                             args.micro_batch)
             images += decode(model.pipe, latents[:, -1], args.micro_batch)
         images_by_set[name] = images
         if uses_toy_world(args):
@@ -942,24 +942,6 @@ def evaluate(model: Model, args: Args, sets: dict, eval_sigmas: torch.Tensor, re
     metrics["eval_reward"] = float(np.mean([metrics[f"eval/{name}"] for name in sets]))
     metrics["eval_se"] = math.sqrt(sum(metrics[f"eval/{name}/se"] ** 2 for name in sets)) / len(sets)
     return metrics, images_by_set, outcomes
-
-
-def report_results(args: Args, model: Model, state, sets: dict, images: dict, logger) -> None:
-    """After the last iteration: before/after scores per set and family, the sample grid, the fine-tuned weights."""
-    final, before = state.history[-1], state.baseline["metrics"]
-    print(f"after:  {plumbing.eval_summary(final, sets)}; change {final['eval_change']:+.3f} "
-          f"+- {final['eval_change_se']:.3f} (paired standard error)")
-    families = (k for k in final if k.count("/") == 2 and k.startswith("eval/") and not k.endswith(("/se", "/dense")))
-    for key in sorted(families):
-        print(f"  {key:28s} {before[key]:.3f} -> {final[key]:.3f}")
-    picks, grid_path = plumbing.grid_picks(sets), os.path.join(args.output_dir, "before_after.png")
-    score = (lambda prompt, image: toy_world.score_prompt(prompt, image)[0]) if uses_toy_world(args) else None
-    plumbing.before_after_grid([p for _, p in picks], [Image.fromarray(t.numpy()) for t in state.baseline["grid"]],
-                      [images[next(iter(sets))][i] for i, _ in picks], grid_path, score)
-    weights = "lora" if args.lora_rank else "transformer"
-    save_weights(model.transformer, args, os.path.join(args.output_dir, weights))
-    logger.finish(grid_path)
-    print(f"results in {args.output_dir}/: metrics.jsonl, before_after.png, {weights}/, {CHECKPOINT}")
 
 
 # =========================================================================================================

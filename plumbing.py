@@ -548,3 +548,21 @@ def before_after_grid(prompts, before, after, path, score=None, columns=8):
         for n, text in enumerate(lines):
             draw.text((x + 3, y + 2 * side + gap + 2 + 11 * n), text, fill="black")
     grid.save(path)
+
+
+def report_results(args, state, sets: dict, images: dict, logger, score, save_weights) -> None:
+    """After the last iteration: before/after scores per set and family, the before/after grid (score(prompt,
+    image) -> 0/1 labels it; None: no scores) and the fine-tuned weights (save_weights(folder))."""
+    final, before = state.history[-1], state.baseline["metrics"]
+    print(f"after:  {eval_summary(final, sets)}; change {final['eval_change']:+.3f} "
+          f"+- {final['eval_change_se']:.3f} (paired standard error)")
+    families = (k for k in final if k.count("/") == 2 and k.startswith("eval/") and not k.endswith(("/se", "/dense")))
+    for key in sorted(families):
+        print(f"  {key:28s} {before[key]:.3f} -> {final[key]:.3f}")
+    picks, grid_path = grid_picks(sets), os.path.join(args.output_dir, "before_after.png")
+    before_after_grid([p for _, p in picks], [Image.fromarray(t.numpy()) for t in state.baseline["grid"]],
+                      [images[next(iter(sets))][i] for i, _ in picks], grid_path, score)
+    weights = "lora" if args.lora_rank else "transformer"
+    save_weights(os.path.join(args.output_dir, weights))
+    logger.finish(grid_path)
+    print(f"results in {args.output_dir}/: metrics.jsonl, before_after.png, {weights}/, {CHECKPOINT}")

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 import tyro
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from PIL import Image
 
 import op_grpo
 import plumbing
+import profile_sd3
 import toy_world
 from op_grpo import (
     Args,
@@ -451,8 +452,6 @@ def test_vocabulary_covers_every_prompt_one_token_per_word():
 
 
 def test_saved_model_loads_offline_and_generates_with_the_stock_pipeline():
-    from diffusers import StableDiffusion3Pipeline
-
     pipe = StableDiffusion3Pipeline.from_pretrained(os.path.join(HERE, "tiny_sd3"), text_encoder_3=None, tokenizer_3=None, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(["a red circle", "two blue squares"], num_inference_steps=4, guidance_scale=1.0, height=32, width=32,
@@ -529,7 +528,7 @@ def test_same_seed_same_metrics_and_two_plus_resume_plus_two_equals_four(tmp_pat
     assert without_timings(again) == without_timings(straight)
 
     op_grpo.main(short_run(tmp_path, "halves", iterations=2))
-    saved = torch.load(tmp_path / "halves" / op_grpo.CHECKPOINT, weights_only=True)
+    saved = torch.load(tmp_path / "halves" / plumbing.CHECKPOINT, weights_only=True)
     assert saved["iteration"] == 2 and len(saved["buffer"]["entries"]) > 0 and saved["optimizer"]["state"]
     # the command line takes the saved settings as defaults: only the changed flag is given
     resumed_args = op_grpo.parse_cli(["--resume", str(tmp_path / "halves"), "--iterations", "4"])
@@ -563,7 +562,7 @@ def test_an_interrupted_run_leaves_a_checkpoint_that_resumes_and_exits_128_plus_
     # the resume hint is a line of its own, not written onto the progress bar's line
     hint = [line for line in stderr.replace("\r", "\n").splitlines() if "--resume" in line]
     assert hint and hint[-1].startswith(f"stopped by {signal.Signals(signum).name} after iteration")
-    saved = torch.load(folder / op_grpo.CHECKPOINT, weights_only=True)
+    saved = torch.load(folder / plumbing.CHECKPOINT, weights_only=True)
     done = saved["iteration"]
     assert 1 <= done < 100 and len(saved["history"]) == done
     if signum == signal.SIGINT:
@@ -579,7 +578,7 @@ def test_resume_continues_in_the_folder_it_names_even_moved_or_copied(tmp_path, 
     op_grpo.main(args)
     assert not (tmp_path / "original").exists()  # nothing recreated where args.json said the run once was
     assert len((tmp_path / "moved" / "metrics.jsonl").read_text().splitlines()) == 3
-    assert torch.load(tmp_path / "moved" / op_grpo.CHECKPOINT, weights_only=True)["iteration"] == 3
+    assert torch.load(tmp_path / "moved" / plumbing.CHECKPOINT, weights_only=True)["iteration"] == 3
     import shutil
 
     shutil.copytree(tmp_path / "moved", tmp_path / "copy")  # a copy resumes too, and leaves the original alone
@@ -592,12 +591,12 @@ def test_resume_continues_in_the_folder_it_names_even_moved_or_copied(tmp_path, 
     op_grpo.main(op_grpo.parse_cli(["--resume", str(tmp_path / "copy"), "--iterations", "5", "--output-dir",
                                     str(tmp_path / "elsewhere")]))
     assert f"writing to {tmp_path / 'elsewhere'}" in capsys.readouterr().out
-    assert torch.load(tmp_path / "elsewhere" / op_grpo.CHECKPOINT, weights_only=True)["iteration"] == 5
+    assert torch.load(tmp_path / "elsewhere" / plumbing.CHECKPOINT, weights_only=True)["iteration"] == 5
 
 
 def test_a_damaged_checkpoint_is_named_before_anything_is_loaded_or_rewritten(tmp_path, monkeypatch):
     op_grpo.main(short_run(tmp_path, "run", iterations=1))
-    path = tmp_path / "run" / op_grpo.CHECKPOINT
+    path = tmp_path / "run" / plumbing.CHECKPOINT
     data = bytearray(path.read_bytes())
     data[len(data) // 3 : len(data) // 3 + 4096] = bytes(4096)  # the right size, corrupted contents
     path.write_bytes(bytes(data))
@@ -626,7 +625,7 @@ def test_bad_paths_and_devices_are_named_before_loading(tmp_path):
     for overrides, message in cases:
         with pytest.raises(plumbing.UsageError, match=message):
             check_args(Args(**{"output_dir": str(tmp_path / "out"), **overrides}))
-    check_args(Args(pretrained="someone/some-sd3-model", model="sd3"))  # a Hub id is left to the Hub
+    check_args(Args(pretrained="someone/some-sd3-model", model="sd3", output_dir=str(tmp_path / "out")))  # Hub's
     assert not (tmp_path / "out").exists()
 
 
@@ -672,7 +671,7 @@ def test_a_nan_velocity_in_the_update_is_named_and_stops_after_patience_with_fin
     monkeypatch.setattr(op_grpo, "predict_velocity", nan_on_call(op_grpo.predict_velocity, 4, when=in_update))
     with pytest.raises(RuntimeError, match="non-finite velocity in the update at step 3"):
         op_grpo.main(short_run(tmp_path, "run", nonfinite_patience=1))
-    saved = torch.load(tmp_path / "run" / op_grpo.CHECKPOINT, weights_only=True)
+    saved = torch.load(tmp_path / "run" / plumbing.CHECKPOINT, weights_only=True)
     assert saved["iteration"] == 1 and "step 3" in saved["history"][-1]["skipped"]
     # the NaN came in the first minibatch, before any optimizer step: the saved weights are the base model's
     assert all(torch.equal(w, base[name]) for name, w in saved["trainable"].items())
@@ -687,7 +686,7 @@ def test_a_failing_reward_names_the_reward_and_prompt_and_keeps_a_checkpoint(tmp
     monkeypatch.setitem(op_grpo.REWARDS, "geneval", fragile)
     with pytest.raises(RuntimeError, match=r"reward 'geneval' failed on prompt '[^']*triangle[^']*': ZeroDivisionError"):
         op_grpo.main(short_run(tmp_path, "run"))
-    saved = torch.load(tmp_path / "run" / op_grpo.CHECKPOINT, weights_only=True)
+    saved = torch.load(tmp_path / "run" / plumbing.CHECKPOINT, weights_only=True)
     assert saved["iteration"] == len(saved["history"])  # the failed iteration is redone on --resume
 
 
@@ -698,7 +697,7 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path):
         layer.weight[0, 0] = float("inf")
     with pytest.raises(op_grpo.NonFiniteError, match="weight weight"):
         plumbing.save_checkpoint(str(tmp_path), layer, {"iteration": 2})
-    saved = torch.load(tmp_path / op_grpo.CHECKPOINT, weights_only=True)
+    saved = torch.load(tmp_path / plumbing.CHECKPOINT, weights_only=True)
     assert saved["iteration"] == 1 and torch.isfinite(saved["trainable"]["weight"]).all()
 
 
@@ -736,7 +735,7 @@ def sd3_path_args(tmp_path, **overrides):
 
 def tiny_inputs(pipe, batch=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch, *op_grpo.latent_shape(pipe, 32)), generator=g)
+    x = torch.randn((batch, pipe.transformer.config.in_channels, 8, 8), generator=g)  # 32 px / VAE factor 4
     table = op_grpo.embed_prompts(pipe, ["a red circle", "two blue squares", "a green triangle", ""], 0)
     embeds = torch.stack([table[p][0] for p in list(table)[:batch]])
     pooled = torch.stack([table[p][1] for p in list(table)[:batch]])
@@ -803,7 +802,7 @@ def test_sd3_path_run_saves_a_lora_that_load_lora_weights_reproduces(tmp_path):
                          off_policy_fraction=0.5, eval_every=2, eval_per_family=4)
     rows = op_grpo.main(args)
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows) and "eval/prompts" in rows[-1]
-    saved = torch.load(tmp_path / "run" / op_grpo.CHECKPOINT, weights_only=True)
+    saved = torch.load(tmp_path / "run" / plumbing.CHECKPOINT, weights_only=True)
 
     trained_pipe = op_grpo.load_pipeline(args, torch.device("cpu"))
     op_grpo.make_trainable(trained_pipe.transformer, args)
@@ -885,7 +884,7 @@ def test_two_processes_reproduce_one_and_keep_identical_weights(tmp_path):
             if key in a:
                 np.testing.assert_allclose(b[key], a[key], rtol=1e-3, atol=1e-6)
         assert (a["replayed_groups"], a["buffer_size"], a["buffer_admitted"]) == (b["replayed_groups"], b["buffer_size"], b["buffer_admitted"])
-    assert (tmp_path / "two" / op_grpo.CHECKPOINT).exists() and (tmp_path / "two" / "before_after.png").exists()
+    assert (tmp_path / "two" / plumbing.CHECKPOINT).exists() and (tmp_path / "two" / "before_after.png").exists()
 
 
 def test_benchmark_ratio_is_the_first_evaluation_at_the_baseline_final():
@@ -911,3 +910,104 @@ def test_benchmark_ratio_is_the_first_evaluation_at_the_baseline_final():
     assert result["paper_implied_curve_difference"] == pytest.approx((at_2 + 0.50 + 0.50 - 0.42 - 0.45 - 0.50) / 3)
     assert benchmark.first_reach(op, 0.6) is None
     assert benchmark.first_reach(op, 0.3) == (2, 4.0)  # the evaluation before training never counts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# profile_sd3.py: the SD3.5-Medium-shaped pipeline it builds offline loads through the stock StableDiffusion3Pipeline
+# with the stated architecture, the full-size configs have SD3.5-Medium's sizes, the overhead ratio's arithmetic,
+# and a tiny end-to-end profile with its exact pass counts
+# ---------------------------------------------------------------------------------------------------------
+def skip_sd35_positional_table(monkeypatch):
+    """SD3.5-M's fixed sin-cos positional table (384 x 384 positions x 1536) takes 11 s to compute in float64 each
+    time such a transformer is made, on building and on loading; here it is zeros of the same shape. Other sizes
+    (the tiny model's) are computed as usual. The architecture and the saved tensors' shapes are unchanged."""
+    from diffusers.models import embeddings
+
+    original = embeddings.get_2d_sincos_pos_embed
+
+    def table(embed_dim, grid_size, *args, **kwargs):
+        if (embed_dim, grid_size) == (1536, 384):
+            return torch.zeros(384 * 384, 1536)
+        return original(embed_dim, grid_size, *args, **kwargs)
+
+    monkeypatch.setattr(embeddings, "get_2d_sincos_pos_embed", table)
+
+
+@pytest.fixture(scope="module")
+def reduced_pipeline(tmp_path_factory):
+    """SD3.5-M's widths with 2 transformer blocks and 1-layer text encoders, built and saved once (about 10 s)."""
+    folder = str(tmp_path_factory.mktemp("profile") / "pipeline")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        skip_sd35_positional_table(monkeypatch)
+        profile_sd3.ensure_pipeline(profile_sd3.ProfileArgs(depth=2, text_depth=1, folder=folder), torch.device("cpu"))
+    return folder
+
+
+def test_built_pipeline_loads_with_the_stock_pipeline_and_has_sd35_medium_widths(reduced_pipeline, monkeypatch):
+    skip_sd35_positional_table(monkeypatch)
+    pipe = StableDiffusion3Pipeline.from_pretrained(reduced_pipeline, local_files_only=True)
+    t = pipe.transformer.config
+    assert (t.num_layers, t.num_attention_heads, t.attention_head_dim, t.caption_projection_dim) == (2, 24, 64, 1536)
+    assert (t.joint_attention_dim, t.pooled_projection_dim, t.patch_size) == (4096, 2048, 2)
+    assert (t.in_channels, t.out_channels, t.pos_embed_max_size, t.qk_norm) == (16, 16, 384, "rms_norm")
+    assert tuple(t.dual_attention_layers) == (0, 1)  # the first min(13, depth) blocks
+    assert all(block.attn2 is not None for block in pipe.transformer.transformer_blocks)  # MMDiT-X second attention
+    v = pipe.vae.config
+    assert (v.latent_channels, tuple(v.block_out_channels), v.layers_per_block) == (16, (128, 256, 512, 512), 2)
+    assert (v.scaling_factor, v.shift_factor, v.use_quant_conv, v.use_post_quant_conv) == (1.5305, 0.0609, False, False)
+    assert pipe.vae_scale_factor == 8 and pipe.scheduler.config.shift == 3.0
+    for encoder, width in ((pipe.text_encoder, 768), (pipe.text_encoder_2, 1280)):
+        assert (encoder.config.hidden_size, encoder.config.projection_dim) == (width, width)
+    assert pipe.text_encoder_3.config.d_model == 4096 and pipe.tokenizer.model_max_length == 77
+    # the stock encode_prompt: 77 CLIP slots (768 + 1280, padded to 4096) then the T5 slots; pooled 768 + 1280
+    prompts = ["a red fox sleeping in fresh snow", "an owl reading a map"]
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
+                                              max_sequence_length=8)
+    assert embeds.shape == (2, 77 + 8, 4096) and pooled.shape == (2, 2048) and torch.isfinite(embeds).all()
+    ids = pipe.tokenizer_3("a red fox").input_ids
+    assert ids == [pipe.tokenizer_3.convert_tokens_to_ids("▁" + w) for w in ("a", "red", "fox")] + [1]  # words, eos
+
+
+def test_full_size_configs_have_sd35_medium_sizes():
+    run = op_grpo.with_presets(op_grpo.Args(model="sd3"))
+    arithmetic = profile_sd3.memory_arithmetic(run)  # built on the meta device: no memory, no time
+    n = arithmetic["parameters"]
+    # 2.24 B weights + a 0.23 B positional table: Stability's "2.5 billion parameters" for SD3.5 Medium
+    assert round(n["transformer"] / 1e6) == 2243 and round(384 * 384 * 1536 / 1e6) == 226
+    assert round(n["clip_l"] / 1e6) == 124 and round(n["clip_g"] / 1e6) == 695 and round(n["t5_xxl"] / 1e8) == 48
+    assert round(n["pickscore_clip_h"] / 1e6) == 986 and n["vae"] == 83819683
+    # LoRA r 32 on the joint attention's 8 projections per block (q, k, v, out of both streams, all 1536 x 1536)
+    assert n["lora"] == (24 * 8 - 1) * 32 * (1536 + 1536)  # the last block has no to_add_out
+    frozen_bytes = 2 * (n["transformer"] + 384 * 384 * 1536)  # bf16 weights and positional table
+    assert arithmetic["gpu_gb"]["transformer_frozen"] == pytest.approx(frozen_bytes / 2**30, abs=1e-3)
+
+
+def test_overhead_ratio_is_iteration_seconds_over_the_passes_it_contains():
+    ratio, pure = profile_sd3.overhead_ratio(10.0, {"sample": 2.0, "update": 1.0}, {"sample": 3.0, "update": 2.0})
+    assert pure == 8.0 and ratio == 1.25
+
+
+def test_profile_runs_op_grpo_sd3_end_to_end_on_the_reduced_build(reduced_pipeline, tmp_path, monkeypatch):
+    skip_sd35_positional_table(monkeypatch)
+    threads = torch.get_num_threads()  # op_grpo.main sets --threads for the whole process
+    args = profile_sd3.ProfileArgs(
+        folder=reduced_pipeline, run_dir=str(tmp_path / "run"), output=str(tmp_path / "profile.json"), depth=2,
+        text_depth=1, resolution=64, max_sequence_length=4, prompts_per_iteration=2, group_size=2, micro_batch=2,
+        off_policy_fraction=0.5, num_steps=4, iterations=2, eval_per_family=2, eval_steps=2, activations=False,
+        timing_repeats=1, device="cpu", threads=1)
+    try:
+        results = profile_sd3.main(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert json.load(open(args.output))["overhead"]["ratio"] == results["overhead"]["ratio"] > 0
+    assert results["build"]["seconds"] == "reused" and results["op_grpo_args"]["lora_rank"] == 32
+    stages = results["seconds"]["per_iteration_mean"]
+    assert all(stages[k] > 0 for k in profile_sd3.STAGES)  # iteration 1 replays one slot: p_old pass and tail too
+    # the passes of iteration 1 (K = 4, 2 prompts x 2, one replayed slot, micro-batch 2): sampling 4 steps over the
+    # 3 fresh samples in passes of 2 and 1, p_old 4 + tail 3 over the replayed one; the update, 2 minibatches of 2 on
+    # the first 3 steps, where the replayed sample keeps step 0 only: 4 passes of 2 samples and 2 of 1, each with
+    # its KL reference pass
+    passes = {(p["latents"][0], p["gradients"], p["adapters_off"]): p["per_iteration"]
+              for p in results["overhead"]["passes"]}
+    assert passes == {(2, False, False): 4, (1, False, False): 4 + 7, (2, True, False): 4, (1, True, False): 2,
+                      (2, False, True): 4, (1, False, True): 2}
