@@ -3,6 +3,8 @@
   python benchmark.py                                    # 3 seeds + ablations, 11 runs: about 1.5 h on 2 CPU cores
   python benchmark.py --seeds 0 1 2 3 4 --investigate    # the README's results: 25 runs, about 3.6 h
   python benchmark.py --quick                            # a smoke run of every arm, a few minutes
+  python benchmark.py --study                            # where replay pays: the pre-registered study (RESULTS.md)
+  python benchmark.py --study --quick                    # its smoke run
 
 Every run is `python op_grpo.py <flags> --threads 1` in a process of its own, `--parallel` (2) at a time: the two
 arms of a seed run side by side, so that they share the machine's load and their wall-clock times compare.
@@ -69,6 +71,8 @@ class BenchArgs:
     """evaluation images per family and prompt set (1,024 per evaluation)"""
     investigate: bool = False
     """also run the INVESTIGATION settings (14 more runs with the defaults' seeds: about 2 hours)"""
+    study: bool = False
+    """run the study of where replay pays instead (STUDY: sparse 0/1 reward, many flat groups); writes study_*"""
     parallel: int = 2
     """runs at a time, one CPU thread each"""
     output_dir: str = "runs/benchmark"
@@ -300,11 +304,212 @@ def report(results: dict) -> None:
                   f"    {s['change_se']:.3f}  {fmt(s['iteration_ratio']):>11s}  {s['mean_curve_difference']:+.3f}         {flat['flow_grpo']}/{flat['op_grpo']}")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The study: OP-GRPO against Flow-GRPO where all-fail groups are common. Every setting below was fixed before any
+# comparison was run (RESULTS.md, "When does replay pay?").
+# ---------------------------------------------------------------------------------------------------------
+BANDS = {name: os.path.join(HERE, "assets", f"band_{name}.txt") for name in ("hard", "count_bind")}
+STRICT = ["--reward", "geneval_strict"]  # GenEval's 0/1: a group can be all 0
+STUDY_REGIMES = {  # name: flags; every regime samples 64 images per iteration, as the default run
+    "A_hard_G8": ["--toy-prompts", BANDS["hard"], *STRICT],  # base success in (0, 0.15]
+    "B_G4": ["--toy-prompts", BANDS["count_bind"], *STRICT, "--group-size", "4", "--prompts-per-iteration", "16"],
+    "B_G2": ["--toy-prompts", BANDS["count_bind"], *STRICT, "--group-size", "2", "--prompts-per-iteration", "32"],
+}
+# in the regime whose Flow-GRPO arm learns most (mean change over seeds): more replay, and the prompt-replay control
+STUDY_FOLLOW_UP = {"op_rho_0.5": ["--off-policy-fraction", "0.5"],
+                   "prompt_replay_rho_0.5": ["--off-policy-fraction", "0.5", "--replay", "prompt"]}
+STUDY_SEEDS, STUDY_EXTRA_SEEDS = (0, 1, 2), (3, 4)  # the largest effect after 3 seeds gets 2 more
+DIAGNOSTICS = ["flat_groups", "flat_all_fail", "flat_all_pass", "rescued_groups", "replay_minus_best_fresh",
+               "log_is_weight_p10", "log_is_weight_p50", "log_is_weight_p90", "clipfrac_off_policy", "replayed_groups"]
+
+
+def measure_base(samples: int = 16, seed: int = 0) -> dict[str, float]:
+    """Strict success of the base model per toy-world prompt (training and held-out): `samples` SDE samples each
+    (noise 0.7, 10 steps, as in training), scored by the verifier. Writes the two bands of the study."""
+    import op_grpo
+    import toy_world
+
+    args = op_grpo.with_presets(op_grpo.Args(seed=seed))
+    torch.manual_seed(seed)
+    prompts = sorted(toy_world.SPEC_BY_PROMPT)
+    model = op_grpo.load_model(args, torch.device("cpu"), prompts)
+    generator, success = torch.Generator().manual_seed(seed), {}
+    for start in range(0, len(prompts), 4):
+        chunk = [p for p in prompts[start : start + 4] for _ in range(samples)]
+        noise = torch.randn((len(chunk), *model.shape), generator=generator)
+        latents, _ = op_grpo.sample_trajectories(model, noise, model.sigmas, 0, chunk, args.noise_level,
+                                                 args.guidance_scale, 0, generator)
+        scores = toy_world.geneval_strict_reward(op_grpo.decode(model.pipe, latents[:, -1]), chunk)
+        for i, prompt in enumerate(prompts[start : start + 4]):
+            success[prompt] = float(scores[i * samples : (i + 1) * samples].mean())
+    families = {p: toy_world.SPEC_BY_PROMPT[p].family for p in prompts}
+    bands = {"hard": [p for p in prompts if 0 < success[p] <= 0.15],
+             "count_bind": [p for p in prompts if families[p] in ("counting", "binding")]}
+    for name, band in bands.items():
+        with open(BANDS[name], "w") as f:
+            f.write(f"# {name}: {len(band)} toy-world prompts; rule and measurement in assets/base_success.json\n")
+            f.writelines(p + "\n" for p in band)
+    return {"samples_per_prompt": samples, "seed": seed, "noise_level": args.noise_level, "num_steps": args.num_steps,
+            "rule": {"hard": "0 < success <= 0.15", "count_bind": "families counting and binding"},
+            "band_sizes": {k: len(v) for k, v in bands.items()}, "success": success}
+
+
+def median_or_none(values: list) -> float | None:
+    """The median, counting None (never reached) as infinitely slow; None if that is the median."""
+    value = statistics.median([v if v is not None else math.inf for v in values])
+    return None if math.isinf(value) else value
+
+
+def study_summary(folders: dict) -> dict:
+    """Per comparison (a regime's Flow-GRPO arm against one OP-GRPO variant, same seeds): compare() per seed, the
+    finals and changes, median ratios and the curve-mean difference with SEs over seeds; per run its diagnostics."""
+    rows = {key: load_rows(folder) for key, folder in folders.items()}
+    curves = {key: curve(r) for key, r in rows.items()}
+    comparisons = {}
+    for (name, seed), c in sorted(curves.items()):
+        regime, variant = name.split("/")
+        if variant != "flow_grpo" and (f"{regime}/flow_grpo", seed) in curves:
+            entry = comparisons.setdefault(f"{regime}: {variant} vs flow_grpo",
+                                           {"regime": regime, "variant": variant, "per_seed": []})
+            entry["per_seed"].append({"seed": seed, **compare(curves[(f"{regime}/flow_grpo", seed)], c)})
+    for entry in comparisons.values():
+        per_seed = entry["per_seed"]
+        entry["median_iteration_ratio"] = median_or_none([x["iteration_ratio"] for x in per_seed])
+        entry["median_wall_clock_ratio"] = median_or_none([x["wall_clock_ratio"] for x in per_seed])
+        for k in ("flow_grpo_final", "op_grpo_final", "flow_grpo_change", "op_grpo_change", "mean_curve_difference"):
+            entry[k] = dict(zip(("mean", "se_over_seeds"), mean_se([x[k] for x in per_seed])))
+    return {"comparisons": comparisons,
+            "runs": {f"{n}_seed{s}": {k: mean_of(r, k) for k in DIAGNOSTICS} for (n, s), r in rows.items()},
+            "curves": {f"{n}_seed{s}": c for (n, s), c in curves.items()},
+            "diagnostics_per_iteration": {f"{n}_seed{s}": {k: [x.get(k) for x in r] for k in DIAGNOSTICS}
+                                          for (n, s), r in rows.items()}}
+
+
+def run_study(args: BenchArgs) -> dict:
+    """Phase 1: every regime, both arms, 3 seeds. Phase 2: in the regime whose Flow-GRPO learns most (mean change),
+    rho 0.5 and the prompt-replay control. Phase 3: the comparison with the largest |curve-mean difference| / SE
+    gets 2 more seeds (both of its arms)."""
+    if not all(os.path.exists(band) for band in BANDS.values()):
+        base = measure_base()
+        with open(os.path.join(HERE, "assets", "base_success.json"), "w") as f:
+            json.dump(base, f, indent=1)
+    seeds = STUDY_SEEDS[:1] if args.quick else STUDY_SEEDS
+    flags = {f"{regime}/{arm}": regime_flags + ARMS[arm]
+             for regime, regime_flags in STUDY_REGIMES.items() for arm in ARMS}
+
+    def run(jobs: list) -> dict:  # [(name, seed)] -> {(name, seed): folder}, args.parallel at a time
+        with ThreadPoolExecutor(args.parallel) as pool:
+            return dict(zip(jobs, pool.map(lambda j: run_one(j[0].replace("/", "_"), j[1], flags[j[0]], args), jobs)))
+
+    folders = run([(name, seed) for seed in seeds for name in flags])  # both arms of a seed side by side
+    changes = {r: float(np.mean([load_rows(folders[(f"{r}/flow_grpo", s)])[-1]["eval_change"] for s in seeds]))
+               for r in STUDY_REGIMES}
+    follow_up = max(changes, key=changes.get)
+    flags.update({f"{follow_up}/{v}": STUDY_REGIMES[follow_up] + f for v, f in STUDY_FOLLOW_UP.items()})
+    folders |= run([(f"{follow_up}/{v}", seed) for seed in seeds for v in STUDY_FOLLOW_UP])
+    summary = study_summary(folders)
+
+    def strength(entry):
+        d = entry["mean_curve_difference"]
+        return abs(d["mean"]) / d["se_over_seeds"] if d["se_over_seeds"] else abs(d["mean"])
+
+    largest = max(summary["comparisons"].values(), key=strength)
+    if not args.quick:
+        names = [f"{largest['regime']}/flow_grpo", f"{largest['regime']}/{largest['variant']}"]
+        folders |= run([(name, seed) for seed in STUDY_EXTRA_SEEDS for name in names])
+        summary = study_summary(folders)
+    summary["choices"] = {"flow_grpo_mean_change": changes, "follow_up_regime": follow_up,
+                          "extra_seeds_for": f"{largest['regime']}: {largest['variant']} vs flow_grpo"}
+    summary["config"] = {**asdict(args), "regimes": STUDY_REGIMES, "follow_up": STUDY_FOLLOW_UP, "flags": flags}
+    return summary
+
+
+def plot_study(summary: dict, assets_dir: str) -> None:
+    """study_curves.png: per regime, eval reward against iteration and training seconds (mean, min..max over
+    seeds) for every variant; study_diagnostics.png: per regime, the mechanism's numbers over iterations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regimes = list(dict.fromkeys(e["regime"] for e in summary["comparisons"].values()))
+    colours = {"flow_grpo": "tab:blue", "op_grpo": "tab:red", "op_rho_0.5": "tab:orange",
+               "prompt_replay_rho_0.5": "tab:purple"}
+    variants = {r: sorted({k.rsplit("_seed", 1)[0] for k in summary["curves"] if k.startswith(r + "/")})
+                for r in regimes}
+    runs_of = lambda variant: [k for k in summary["curves"] if k.rsplit("_seed", 1)[0] == variant]  # noqa: E731
+    figure, axes = plt.subplots(2, len(regimes), figsize=(4.2 * len(regimes), 7), squeeze=False)
+    for col, regime in enumerate(regimes):
+        for variant in variants[regime]:
+            runs = [summary["curves"][k] for k in runs_of(variant)]
+            reward = np.array([c["eval_reward"] for c in runs])
+            for row, x in enumerate((runs[0]["iterations"], np.mean([c["train_seconds"] for c in runs], axis=0))):
+                colour = colours[variant.split("/")[1]]
+                label = f"{variant.split('/')[1]} ({len(runs)} seed{'s' * (len(runs) != 1)})"
+                axes[row][col].plot(x, reward.mean(0), color=colour, label=label)
+                axes[row][col].fill_between(x, reward.min(0), reward.max(0), color=colour, alpha=0.15)
+        axes[0][col].set_title(regime)
+        axes[0][col].set_xlabel("iteration")
+        axes[1][col].set_xlabel("training seconds (mean over seeds)")
+        axes[0][col].legend(fontsize=7)
+    for ax in axes.flat:
+        ax.set_ylabel("strict eval reward (band)")
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(os.path.join(assets_dir, "study_curves.png"), dpi=110)
+
+    keys = ["flat_all_fail", "rescued_groups", "replay_minus_best_fresh", "log_is_weight_p10", "clipfrac_off_policy"]
+    figure, axes = plt.subplots(len(keys), len(regimes), figsize=(4.2 * len(regimes), 2.2 * len(keys)), squeeze=False)
+    for col, regime in enumerate(regimes):
+        for variant in variants[regime]:
+            for row, key in enumerate(keys):
+                series = [summary["diagnostics_per_iteration"][k][key] for k in runs_of(variant)]
+                values = np.array([[np.nan if v is None else v for v in s] for s in series], dtype=float)
+                counts = (~np.isnan(values)).sum(axis=0)
+                if not counts.any():
+                    continue  # not logged for this variant (Flow-GRPO has no replayed trajectory)
+                mean = np.nansum(values, axis=0) / np.maximum(counts, 1)  # over seeds; then a 10-iteration running
+                logged = np.flatnonzero(counts)  # mean over the iterations where it was logged
+                smooth = mean[logged]
+                if len(logged) >= 10:
+                    smooth = np.convolve(smooth, np.ones(10) / 10, mode="valid")
+                axes[row][col].plot(logged[len(logged) - len(smooth):], smooth, color=colours[variant.split("/")[1]],
+                                    label=variant.split("/")[1], linewidth=1)
+                axes[row][col].set_ylabel(key, fontsize=7)
+        axes[0][col].set_title(regime)
+        for ax in axes[:, col]:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
+    for ax in axes[-1]:
+        ax.set_xlabel("iteration")
+    figure.tight_layout()
+    figure.savefig(os.path.join(assets_dir, "study_diagnostics.png"), dpi=110)
+
+
+def report_study(summary: dict) -> None:
+    fmt = lambda x: "not reached" if x is None else f"{x:.2f}"  # noqa: E731
+    for key, e in summary["comparisons"].items():
+        print(f"{key}: final Flow {pm(e['flow_grpo_final'], '')}, OP {pm(e['op_grpo_final'], '')}; change Flow "
+              f"{pm(e['flow_grpo_change'])}, OP {pm(e['op_grpo_change'])}; median ratio iterations "
+              f"{fmt(e['median_iteration_ratio'])}, wall clock {fmt(e['median_wall_clock_ratio'])}; curve OP - Flow "
+              f"{pm(e['mean_curve_difference'])}")
+    print(f"choices: {summary['choices']}")
+
+
 def main(args: BenchArgs) -> dict:
+    if args.study:
+        args.output_dir = args.output_dir.replace("benchmark", "study")
     if args.quick:
         args.seeds, args.iterations, args.eval_every, args.eval_per_family = args.seeds[:1], 4, 2, 4
         args.output_dir, args.assets_dir = args.output_dir + "_quick", args.output_dir + "_quick"
     os.makedirs(args.assets_dir, exist_ok=True)
+    if args.study:
+        summary = run_study(args)
+        with open(os.path.join(args.assets_dir, "study_results.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        plot_study(summary, args.assets_dir)
+        report_study(summary)
+        return summary
     jobs = [(arm, seed, flags) for seed in args.seeds for arm, flags in ARMS.items()]  # both arms of a seed side by side
     jobs += [(name, args.seeds[0], flags) for name, flags in ABLATIONS.items()]
     for setting, (flags, arms, n_seeds) in (INVESTIGATION.items() if args.investigate else ()):

@@ -56,10 +56,11 @@ def check_settings(args, embedded: str) -> list[str]:
     problems = [f"{flag(f)} must be {rule}, got {getattr(args, f)}"
                 for f, rule, ok in LIMITS if not ok(getattr(args, f))]
     world, K, n = int(os.environ.get("WORLD_SIZE", "1")), args.num_steps, args.prompts_per_iteration * args.group_size
-    for f, low, high, rule in [("prompts_per_iteration", world, n, f"at least the number of processes ({world})"),
-                               ("train_steps", 1, K, f"in [1, --num-steps={K}]"),
-                               ("truncate_steps", 0, K - 1, f"in [0, --num-steps={K})"),
-                               ("updates_per_batch", 1, n, f"in [1, {n}] (the samples per iteration)")]:
+    bounds = [("prompts_per_iteration", world, math.inf, f"at least the number of processes ({world})"),
+              ("train_steps", 1, K, f"in [1, --num-steps={K}]"),
+              ("truncate_steps", 0, K - 1, f"in [0, --num-steps={K})"),
+              ("updates_per_batch", 1, n, f"in [1, {n}] (the samples per iteration)")]
+    for f, low, high, rule in bounds:
         if getattr(args, f) is not None and not low <= getattr(args, f) <= high:
             problems.append(f"{flag(f)} must be {rule}, got {getattr(args, f)}")
     multiple, largest, why = image_sides(args.pretrained)
@@ -72,9 +73,25 @@ def check_settings(args, embedded: str) -> list[str]:
             prompts = str(error)
         if isinstance(prompts, str):
             problems.append(f"--prompt-file {args.prompt_file} cannot be used: {prompts}")
+    if args.toy_prompts is not None:
+        problems += check_toy_prompts(args.toy_prompts)
     if args.wandb_project and importlib.util.find_spec("wandb") is None:
         problems.append("--wandb-project needs the wandb package: pip install wandb")
     return problems + check_device(args.device) + check_pretrained(args.pretrained, embedded) + check_folders(args)
+
+
+def check_toy_prompts(path: str) -> list[str]:
+    """--toy-prompts: a readable file of the toy world's prompts, with training and held-out prompts among them."""
+    try:
+        prompts = set(read_prompts(path))
+    except (OSError, UnicodeDecodeError) as error:
+        return [f"--toy-prompts {path} cannot be read ({error})"]
+    if unknown := sorted(prompts - set(toy_world.SPEC_BY_PROMPT)):
+        return [f"--toy-prompts {path}: {len(unknown)} lines are not prompts of the toy world, e.g. {unknown[0]!r}"]
+    train, held_out = ({toy_world.describe(s) for s in specs} & prompts for specs in toy_world.split_specs())
+    if not train or not held_out:
+        return [f"--toy-prompts {path} needs training and held-out prompts (has {len(train)} and {len(held_out)})"]
+    return []
 
 
 def check_device(name: str | None) -> list[str]:
@@ -193,17 +210,24 @@ DEFAULT_PROMPTS = [
 
 
 def prompt_sets(args, toy: bool, rng: random.Random):
-    """(training prompts, evaluation sets name -> prompts, draw(n) -> n training prompts). The toy world: prompts
-    drawn by family (EVAL_MIX), a held-out and a training evaluation set; a prompt list: uniform draws, cycled."""
+    """(training prompts, evaluation sets name -> prompts, draw(n) -> n training prompts, family weights). The toy
+    world: a family drawn by its weight, then a prompt of it; a held-out and a training evaluation set whose families
+    are weighted alike (EVAL_MIX; with --toy-prompts each family's share of the band's training prompts, so that
+    draws are uniform over them). A prompt list: uniform draws, the list cycled for evaluation, no weights."""
     if toy:
-        specs, _ = toy_world.split_specs()
-        def draw(n):
-            return [toy_world.describe(s) for s in toy_world.sample_specs(specs, toy_world.EVAL_MIX, n, rng)]
+        band = set(read_prompts(args.toy_prompts)) if args.toy_prompts else None
+        specs = [s for s in toy_world.split_specs()[0] if band is None or toy_world.describe(s) in band]
+        mix = toy_world.EVAL_MIX if band is None else {f: sum(s.family == f for s in specs) / len(specs)
+                                                       for f in toy_world.FAMILIES if any(s.family == f for s in specs)}
 
-        return sorted({toy_world.describe(s) for s in specs}), toy_world.eval_prompts(args.eval_per_family), draw
+        def draw(n):
+            return [toy_world.describe(s) for s in toy_world.sample_specs(specs, mix, n, rng)]
+
+        prompts = sorted({toy_world.describe(s) for s in specs})
+        return prompts, toy_world.eval_prompts(args.eval_per_family, band), draw, mix
     prompts = read_prompts(args.prompt_file) if args.prompt_file else DEFAULT_PROMPTS
     sets = {"prompts": [prompts[i % len(prompts)] for i in range(args.eval_per_family)]}
-    return prompts, sets, lambda n: [rng.choice(prompts) for _ in range(n)]
+    return prompts, sets, lambda n: [rng.choice(prompts) for _ in range(n)], None
 
 
 def batch_arithmetic(args, world: int) -> str:
@@ -399,11 +423,12 @@ class RunState:
 
 def iteration_metrics(args, fresh: dict, replayed: dict | None, batch: dict, stats: dict, processes) -> dict:
     """The logged numbers of an iteration's rollouts and update, over every process's samples."""
-    flat = (batch["rewards"].view(-1, args.group_size).std(dim=1) == 0).float().tolist()  # groups with no signal
+    groups = group_diagnostics(batch["rewards"].view(-1, args.group_size).cpu(),
+                               batch["replayed"].view(-1, args.group_size).cpu())
     # replayed trajectories: weights, re-scored rewards, log p_old - log p_off per step (R, K)
     mine = replayed and (batch["is_weight"][batch["replayed"]].cpu(), replayed["rewards"].cpu(),
                          (replayed["log_prob_old"] - replayed["log_prob_behavior"]).cpu())
-    parts = processes.gather((fresh["rewards"].cpu(), stats, flat, mine))
+    parts = processes.gather((fresh["rewards"].cpu(), stats, groups, mine))
     rewards, rep = torch.cat([p[0] for p in parts]), [p[3] for p in parts if p[3]]
     stats = {key: [x for p in parts for x in p[1][key]] for key in stats}
     mean = lambda values: float(np.mean(values)) if values else None  # noqa: E731
@@ -411,15 +436,33 @@ def iteration_metrics(args, fresh: dict, replayed: dict | None, batch: dict, sta
            "loss": float(np.sum(stats["loss"])) / args.updates_per_batch,
            "clipfrac_on_policy": mean(stats["clipfrac_on"]),
            "clipfrac_off_policy": mean(stats["clipfrac_off"]), "approx_kl": mean(stats["approx_kl"]),
-           "kl_to_reference": mean(stats["kl"]), "flat_groups": mean([x for p in parts for x in p[2]])}
+           "kl_to_reference": mean(stats["kl"]),
+           **{key: mean([x for p in parts for x in p[2][key]]) for key in groups}}
     if rep:
         w, rep_rewards, log_ratio = (torch.cat(ts) for ts in zip(*rep))
+        quantiles = torch.quantile(w.log().double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
         row.update({"is_weight_mean": w.mean().item(), "is_weight_min": w.min().item(), "is_weight_max": w.max().item(),
+                    **dict(zip(("log_is_weight_p10", "log_is_weight_p50", "log_is_weight_p90"), quantiles)),
                     "replay_reward_mean": rep_rewards.mean().item(),
                     # the late-step "cliff" (paper Fig. 2): per-step mean and spread of log p_old - log p_off
                     "log_ratio_old_behavior_per_step": log_ratio.mean(0).tolist(),
                     "log_ratio_old_behavior_per_step_std": log_ratio.std(0, correction=0).tolist()})
     return row
+
+
+def group_diagnostics(rewards: torch.Tensor, replayed: torch.Tensor) -> dict[str, list[float]]:
+    """Per group, rewards and replayed (groups, G) -> lists to average: flat_groups (all rewards equal: no signal),
+    flat_all_fail / flat_all_pass (flat at <= 0 / >= 1: a 0/1 reward's two ways to be flat), and per hybrid group
+    rescued_groups (its fresh members all equal, the stored one different: the stored trajectory is its only
+    signal) and replay_minus_best_fresh (the replayed trajectory's reward minus its group's best fresh one)."""
+    flat, hybrid = rewards.std(dim=1) == 0, replayed.any(dim=1)
+    fresh = [r[~m] for r, m, h in zip(rewards, replayed, hybrid) if h]
+    stored = rewards[replayed]  # (hybrid groups,), in group order
+    return {"flat_groups": flat.float().tolist(),
+            "flat_all_fail": (flat & (rewards.max(dim=1).values <= 0)).float().tolist(),
+            "flat_all_pass": (flat & (rewards.min(dim=1).values >= 1)).float().tolist(),
+            "rescued_groups": [float(bool((f == f[0]).all() and (s != f[0]))) for f, s in zip(fresh, stored)],
+            "replay_minus_best_fresh": [(s - f.max()).item() for f, s in zip(fresh, stored)]}
 
 
 @contextlib.contextmanager

@@ -238,6 +238,8 @@ def test_family_weighted_score_and_paired_change():
     change, change_se = toy_world.paired_change(before, after)
     assert change == pytest.approx((0.25 + 0.5) / 2)  # mean of the two sets' changes
     assert change_se == pytest.approx(math.sqrt(0.1875 / 4 + 0.25 / 4) / 2)  # from per-image differences
+    mean, _ = toy_world.mix_mean_and_se(per_family, {"single": 0.9, "counting": 0.1})  # a band's own weights
+    assert mean == pytest.approx(0.9 * 0.75 + 0.1 * 0.25)
 
 
 def test_guidance_is_one_batched_pass_combined_as_v_u_plus_g_times_v_c_minus_v_u():
@@ -507,6 +509,63 @@ def test_zero_off_policy_fraction_is_plain_on_policy_flow_grpo(tmp_path):
     for r in rows:
         assert r["replayed_groups"] == 0 and r["buffer_size"] == 0 and r["clipfrac_off_policy"] is None
         assert "is_weight_mean" not in r and math.isfinite(r["loss"])
+
+
+def test_prompt_replay_control_draws_buffer_prompts_but_samples_every_image_fresh(tmp_path, monkeypatch):
+    drawn, rollouts = [], []
+    sample, rollout = ReplayBuffer.sample, op_grpo.rollout
+    monkeypatch.setattr(ReplayBuffer, "sample", lambda self, n, rng: drawn.append(sample(self, n, rng)) or drawn[-1])
+    monkeypatch.setattr(op_grpo, "rollout", lambda *a: rollouts.append(a[2:4]) or rollout(*a))
+    monkeypatch.setattr(op_grpo, "rescore_replayed", lambda *a: pytest.fail("a stored trajectory was used"))
+    rows = op_grpo.main(short_run(tmp_path, "control", replay="prompt"))
+    assert [r["buffer_prompts"] for r in rows] == [len(d) for d in drawn] and sum(len(d) for d in drawn) >= 4
+    for (slot_prompts, n_replayed), prompts_from_buffer in zip(rollouts, drawn):
+        assert n_replayed == 0 and slot_prompts[: len(prompts_from_buffer)] == prompts_from_buffer  # G fresh each
+    for r in rows:
+        assert r["replayed_groups"] == 0 and r["clipfrac_off_policy"] is None and "is_weight_mean" not in r
+        assert r["rescued_groups"] is None and r["buffer_size"] > 0
+
+
+def test_toy_prompts_narrow_training_draws_and_evaluation_to_a_band(tmp_path):
+    train, held_out = toy_world.split_specs()
+    band = [toy_world.describe(s) for s in train if s.family == "counting"][:6]
+    band += [toy_world.describe(s) for s in train if s.family == "binding"][:2]
+    band += [toy_world.describe(s) for s in held_out if s.family in ("counting", "binding")][:3]
+    path = tmp_path / "band.txt"
+    path.write_text("\n".join(band) + "\n")
+    args = op_grpo.with_presets(Args(toy_prompts=str(path), eval_per_family=4))
+    check_args(dataclasses.replace(args, output_dir=str(tmp_path / "out")))
+    prompts, sets, draw, mix = plumbing.prompt_sets(args, True, random.Random(0))
+    assert set(prompts) == set(band[:8]) and mix == {"counting": 0.75, "binding": 0.25}  # the band's shares
+    draws = draw(8000)
+    assert set(draws) == set(band[:8]) and max(abs(draws.count(p) / 8000 - 1 / 8) for p in band[:8]) < 0.02  # uniform
+    assert set(sets["train"]) <= set(band[:8]) and set(sets["held_out"]) <= set(band[8:])
+    assert len(sets["train"]) == 8 and len(sets["held_out"]) == 4 * len({toy_world.SPEC_BY_PROMPT[p].family
+                                                                         for p in band[8:]})
+    default = plumbing.prompt_sets(op_grpo.with_presets(Args()), True, random.Random(0))
+    assert default[1] == toy_world.eval_prompts(128) and default[3] is toy_world.EVAL_MIX  # the world's own
+    path.write_text("a purple circle\n")
+    with pytest.raises(plumbing.UsageError, match="--toy-prompts .* not prompts of the toy world"):
+        check_args(Args(toy_prompts=str(path)))
+    path.write_text(band[0] + "\n")
+    with pytest.raises(plumbing.UsageError, match="needs training and held-out prompts"):
+        check_args(Args(toy_prompts=str(path)))
+    with pytest.raises(plumbing.UsageError, match="--toy-prompts narrows the toy world"):
+        check_args(Args(toy_prompts=str(path), model="sd3"))
+
+
+def test_group_diagnostics_closed_form():
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 0.0],  # flat, all fail
+                            [1.0, 1.0, 1.0, 1.0],  # flat, all pass
+                            [1.0, 0.0, 0.0, 0.0],  # hybrid, stored success rescues an all-fail fresh group
+                            [0.0, 1.0, 0.0, 1.0],  # hybrid, the fresh members differ already
+                            [0.0, 0.0, 0.0, 0.0]])  # hybrid, flat: the stored one fails too
+    replayed = torch.zeros(5, 4, dtype=torch.bool)
+    replayed[2:, 0] = True
+    d = plumbing.group_diagnostics(rewards, replayed)
+    assert d["flat_groups"] == [1, 1, 0, 0, 1] and d["flat_all_fail"] == [1, 0, 0, 0, 1]
+    assert d["flat_all_pass"] == [0, 1, 0, 0, 0]
+    assert d["rescued_groups"] == [1, 0, 0] and d["replay_minus_best_fresh"] == [1.0, -1.0, 0.0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -910,6 +969,34 @@ def test_benchmark_ratio_is_the_first_evaluation_at_the_baseline_final():
     assert result["paper_implied_curve_difference"] == pytest.approx((at_2 + 0.50 + 0.50 - 0.42 - 0.45 - 0.50) / 3)
     assert benchmark.first_reach(op, 0.6) is None
     assert benchmark.first_reach(op, 0.3) == (2, 4.0)  # the evaluation before training never counts
+    # one seed (benchmark.py --quick) has no standard error: said in words, never printed as "+- nan"
+    assert benchmark.mean_se([0.2]) == (0.2, None) and benchmark.mean_se([0.1, 0.3])[1] == pytest.approx(0.1)
+    assert benchmark.pm({"mean": 0.1, "se_over_seeds": None}) == "+0.100 (one seed: no SE)"
+    assert benchmark.pm({"mean": -0.1, "se_over_seeds": 0.02}) == "-0.100 +- 0.020"
+
+
+def test_study_summary_pairs_each_variant_with_its_regimes_flow_grpo_by_seed(tmp_path):
+    import benchmark
+
+    def write(name, seed, rewards, extra=None):
+        folder = tmp_path / f"{name.replace('/', '_')}_seed{seed}"
+        folder.mkdir()
+        rows = [{"iteration": i, "time/update": 1.0, **(extra or {})} for i in range(4)]
+        rows[0]["eval_reward"] = rewards[0]
+        for i, reward in zip((1, 3), rewards[1:]):
+            rows[i].update({"eval_reward": reward, "time/eval": 5.0, "eval_se": 0.01, "eval_change": reward - rewards[0],
+                            "eval_change_se": 0.02})
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return (name, seed), str(folder)
+
+    folders = dict([write("A/flow_grpo", 0, [0.1, 0.2, 0.3]), write("A/op_grpo", 0, [0.1, 0.3, 0.3], {"rescued_groups": 0.5}),
+                    write("A/flow_grpo", 1, [0.1, 0.1, 0.2]), write("A/op_grpo", 1, [0.1, 0.2, 0.2])])
+    summary = benchmark.study_summary(folders)
+    entry = summary["comparisons"]["A: op_grpo vs flow_grpo"]
+    assert [s["seed"] for s in entry["per_seed"]] == [0, 1] and entry["regime"] == "A"
+    assert entry["mean_curve_difference"]["mean"] == pytest.approx((0.05 + 0.05) / 2)  # (0.3+0.3-0.2-0.3)/2 per seed
+    assert entry["median_iteration_ratio"] == pytest.approx((2 / 4 + 2 / 4) / 2)  # OP reaches Flow's final at 2 of 4
+    assert summary["runs"]["A/op_grpo_seed0"]["rescued_groups"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -290,15 +290,16 @@ def geneval_strict_reward(images: list, prompts: list[str]) -> torch.Tensor:
     return torch.tensor([score_prompt(p, im)[0] for im, p in zip(images, prompts)])
 
 
-def eval_prompts(per_family: int, seed: int = 1234) -> dict[str, list[str]]:
-    """The fixed evaluation prompts: per_family prompts per family, for the held-out and the training set."""
+def eval_prompts(per_family: int, only: set | None = None, seed: int = 1234) -> dict[str, list[str]]:
+    """The fixed evaluation prompts: per_family prompts per family, for the held-out and the training set; with
+    `only`, drawn from those prompts alone (families without one are left out)."""
     train, held_out = split_specs()
     rng = random.Random(seed)
     sets = {}
     for name, specs in (("held_out", held_out), ("train", train)):
         sets[name] = []
         for family in FAMILIES:
-            pool = [s for s in specs if s.family == family]
+            pool = [s for s in specs if s.family == family and (only is None or describe(s) in only)]
             sets[name] += [describe(rng.choice(pool)) for _ in range(per_family if pool else 0)]
     return sets
 
@@ -314,20 +315,21 @@ def score_by_family(prompts: list[str], images: list) -> tuple[dict, dict]:
     return strict, dense
 
 
-def mix_mean_and_se(per_family: dict[str, list[float]]) -> tuple[float, float]:
-    """EVAL_MIX-weighted mean of per-image scores over families and its standard error (families as strata).
-    Families outside EVAL_MIX weigh 1 (op_grpo.py's prompt lists have the one family "all")."""
-    weights = {f: EVAL_MIX.get(f, 1.0) for f in per_family}
+def mix_mean_and_se(per_family: dict[str, list[float]], mix: dict | None = None) -> tuple[float, float]:
+    """Mean of per-image scores over families weighted by mix (None: EVAL_MIX), and its standard error (families
+    as strata). Families outside the mix weigh 1 (op_grpo.py's prompt lists have the one family "all")."""
+    weights = {f: (mix or EVAL_MIX).get(f, 1.0) for f in per_family}
     total = sum(weights.values())
     mean = sum(w * np.mean(per_family[f]) for f, w in weights.items()) / total
     var = sum(w**2 * np.var(per_family[f]) / len(per_family[f]) for f, w in weights.items()) / total**2
     return float(mean), math.sqrt(var)
 
 
-def paired_change(before: dict, after: dict) -> tuple[float, float]:
+def paired_change(before: dict, after: dict, mix: dict | None = None) -> tuple[float, float]:
     """Change of the mean over sets between two evaluations of the same prompts and noise, with its paired standard
     error (from per-image differences, so that each image's shared difficulty cancels). set -> family -> scores."""
-    stats = [mix_mean_and_se({f: np.subtract(after[name][f], before[name][f]) for f in before[name]}) for name in before]
+    stats = [mix_mean_and_se({f: np.subtract(after[name][f], before[name][f]) for f in before[name]}, mix)
+             for name in before]
     return sum(m for m, _ in stats) / len(stats), math.sqrt(sum(se**2 for _, se in stats)) / len(stats)
 
 
