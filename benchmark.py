@@ -14,6 +14,7 @@ log p_old - log p_off of replayed trajectories, the time per iteration by stage,
 per investigated setting.
 """
 
+import gzip
 import json
 import math
 import os
@@ -72,7 +73,7 @@ class BenchArgs:
     investigate: bool = False
     """also run the INVESTIGATION settings (14 more runs with the defaults' seeds: about 2 hours)"""
     study: bool = False
-    """run the study of where replay pays instead (STUDY: sparse 0/1 reward, many flat groups); writes study_*"""
+    """run the study of where replay pays instead (STUDY_REGIMES: 0/1 reward, many flat groups); writes study_*"""
     parallel: int = 2
     """runs at a time, one CPU thread each"""
     output_dir: str = "runs/benchmark"
@@ -319,6 +320,7 @@ STUDY_REGIMES = {  # name: flags; every regime samples 64 images per iteration, 
 STUDY_FOLLOW_UP = {"op_rho_0.5": ["--off-policy-fraction", "0.5"],
                    "prompt_replay_rho_0.5": ["--off-policy-fraction", "0.5", "--replay", "prompt"]}
 STUDY_SEEDS, STUDY_EXTRA_SEEDS = (0, 1, 2), (3, 4)  # the largest effect after 3 seeds gets 2 more
+STUDY_ARCHIVE = os.path.join(HERE, "assets", "study_runs")  # finished runs' metrics, committed as they come
 DIAGNOSTICS = ["flat_groups", "flat_all_fail", "flat_all_pass", "rescued_groups", "replay_minus_best_fresh",
                "log_is_weight_p10", "log_is_weight_p50", "log_is_weight_p90", "clipfrac_off_policy", "replayed_groups"]
 
@@ -385,6 +387,23 @@ def study_summary(folders: dict) -> dict:
                                           for (n, s), r in rows.items()}}
 
 
+def run_archived(name: str, seed: int, flags: list[str], args: BenchArgs, archive: str = STUDY_ARCHIVE) -> str:
+    """run_one for the study, with an archive that outlives the machine: a finished run is restored from
+    <archive>/<run>.jsonl.gz when its folder lacks metrics, and a finished run is archived there (not in --quick)."""
+    folder = f"{name.replace('/', '_')}_seed{seed}"
+    stored, rows_path = os.path.join(archive, folder + ".jsonl.gz"), os.path.join(args.output_dir, folder, "metrics.jsonl")
+    if not args.quick and os.path.exists(stored) and not os.path.exists(rows_path):
+        os.makedirs(os.path.dirname(rows_path), exist_ok=True)
+        with gzip.open(stored, "rt") as f, open(rows_path, "w") as out:
+            out.write(f.read())
+    done = run_one(folder.rsplit("_seed", 1)[0], seed, flags, args)
+    if not args.quick and not os.path.exists(stored):
+        os.makedirs(archive, exist_ok=True)
+        with open(rows_path) as f, gzip.open(stored, "wt") as out:
+            out.write(f.read())
+    return done
+
+
 def run_study(args: BenchArgs) -> dict:
     """Phase 1: every regime, both arms, 3 seeds. Phase 2: in the regime whose Flow-GRPO learns most (mean change),
     rho 0.5 and the prompt-replay control. Phase 3: the comparison with the largest |curve-mean difference| / SE
@@ -399,7 +418,7 @@ def run_study(args: BenchArgs) -> dict:
 
     def run(jobs: list) -> dict:  # [(name, seed)] -> {(name, seed): folder}, args.parallel at a time
         with ThreadPoolExecutor(args.parallel) as pool:
-            return dict(zip(jobs, pool.map(lambda j: run_one(j[0].replace("/", "_"), j[1], flags[j[0]], args), jobs)))
+            return dict(zip(jobs, pool.map(lambda job: run_archived(*job, flags[job[0]], args), jobs)))
 
     folders = run([(name, seed) for seed in seeds for name in flags])  # both arms of a seed side by side
     changes = {r: float(np.mean([load_rows(folders[(f"{r}/flow_grpo", s)])[-1]["eval_change"] for s in seeds]))

@@ -975,6 +975,40 @@ def test_benchmark_ratio_is_the_first_evaluation_at_the_baseline_final():
     assert benchmark.pm({"mean": -0.1, "se_over_seeds": 0.02}) == "-0.100 +- 0.020"
 
 
+def test_study_runs_are_archived_when_finished_and_restored_instead_of_rerun(tmp_path, monkeypatch):
+    import gzip
+
+    import benchmark
+
+    calls = []
+
+    def fake_run_one(name, seed, flags, args):  # stands for op_grpo.py: writes its rows unless they are complete
+        calls.append((name, seed, flags))
+        folder = os.path.join(args.output_dir, f"{name}_seed{seed}")
+        if len(benchmark.load_rows(folder)) != args.iterations:
+            os.makedirs(folder, exist_ok=True)
+            (tmp_path / "ran").write_text("yes")
+            with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+                f.writelines(json.dumps({"iteration": i, "eval_reward": 0.5}) + "\n" for i in range(args.iterations))
+        return folder
+
+    monkeypatch.setattr(benchmark, "run_one", fake_run_one)
+    args = benchmark.BenchArgs(iterations=3, output_dir=str(tmp_path / "runs"))
+    archive = str(tmp_path / "archive")
+    benchmark.run_archived("A/flow_grpo", 0, ["--x"], args, archive)
+    stored = tmp_path / "archive" / "A_flow_grpo_seed0.jsonl.gz"
+    assert calls == [("A_flow_grpo", 0, ["--x"])] and (tmp_path / "ran").exists()
+    written = (tmp_path / "runs" / "A_flow_grpo_seed0" / "metrics.jsonl").read_text()
+    assert gzip.open(stored, "rt").read() == written
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")  # a new machine: only the archive is left
+    (tmp_path / "ran").unlink()
+    benchmark.run_archived("A/flow_grpo", 0, ["--x"], args, archive)
+    assert not (tmp_path / "ran").exists()  # restored, not run again
+    assert (tmp_path / "runs" / "A_flow_grpo_seed0" / "metrics.jsonl").read_text() == written
+
+
 def test_study_summary_pairs_each_variant_with_its_regimes_flow_grpo_by_seed(tmp_path):
     import benchmark
 
