@@ -15,6 +15,7 @@ per investigated setting.
 """
 
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -389,9 +390,13 @@ def study_summary(folders: dict) -> dict:
 
 def run_archived(name: str, seed: int, flags: list[str], args: BenchArgs, archive: str = STUDY_ARCHIVE) -> str:
     """run_one for the study, with an archive that outlives the machine: a finished run is restored from
-    <archive>/<run>.jsonl.gz when its folder lacks metrics, and a finished run is archived there (not in --quick)."""
+    <archive>/<run>_<flags digest>.jsonl.gz when its folder lacks metrics, and archived there once finished (not in
+    --quick). A folder that already holds a finished run is reused as run_one does, whatever its flags."""
     folder = f"{name.replace('/', '_')}_seed{seed}"
-    stored, rows_path = os.path.join(archive, folder + ".jsonl.gz"), os.path.join(args.output_dir, folder, "metrics.jsonl")
+    # the archive name carries a digest of the flags (paths relative to this folder): other flags, another run
+    digest = hashlib.sha1(" ".join(f.replace(HERE + os.sep, "") for f in flags).encode()).hexdigest()[:8]
+    stored = os.path.join(archive, f"{folder}_{digest}.jsonl.gz")
+    rows_path = os.path.join(args.output_dir, folder, "metrics.jsonl")
     if not args.quick and os.path.exists(stored) and not os.path.exists(rows_path):
         os.makedirs(os.path.dirname(rows_path), exist_ok=True)
         with gzip.open(stored, "rt") as f, open(rows_path, "w") as out:

@@ -996,7 +996,8 @@ def test_study_runs_are_archived_when_finished_and_restored_instead_of_rerun(tmp
     args = benchmark.BenchArgs(iterations=3, output_dir=str(tmp_path / "runs"))
     archive = str(tmp_path / "archive")
     benchmark.run_archived("A/flow_grpo", 0, ["--x"], args, archive)
-    stored = tmp_path / "archive" / "A_flow_grpo_seed0.jsonl.gz"
+    (stored,) = (tmp_path / "archive").iterdir()
+    assert stored.name.startswith("A_flow_grpo_seed0_") and stored.name.endswith(".jsonl.gz")
     assert calls == [("A_flow_grpo", 0, ["--x"])] and (tmp_path / "ran").exists()
     written = (tmp_path / "runs" / "A_flow_grpo_seed0" / "metrics.jsonl").read_text()
     assert gzip.open(stored, "rt").read() == written
@@ -1007,6 +1008,9 @@ def test_study_runs_are_archived_when_finished_and_restored_instead_of_rerun(tmp
     benchmark.run_archived("A/flow_grpo", 0, ["--x"], args, archive)
     assert not (tmp_path / "ran").exists()  # restored, not run again
     assert (tmp_path / "runs" / "A_flow_grpo_seed0" / "metrics.jsonl").read_text() == written
+    shutil.rmtree(tmp_path / "runs")  # other flags (a tuned baseline) are another run: not restored, run again
+    benchmark.run_archived("A/flow_grpo", 0, ["--x", "--learning-rate", "2e-4"], args, archive)
+    assert (tmp_path / "ran").exists() and len(list((tmp_path / "archive").iterdir())) == 2
 
 
 def test_study_summary_pairs_each_variant_with_its_regimes_flow_grpo_by_seed(tmp_path):
