@@ -159,14 +159,16 @@ def compare(flow: dict, op: dict) -> dict:
     }
 
 
+def median_or_none(values: list) -> float | None:
+    """The median, counting None (never reached) as infinitely slow; None if that is the median."""
+    value = statistics.median([v if v is not None else math.inf for v in values])
+    return None if math.isinf(value) else value
+
+
 def summarise(args: BenchArgs, folders: dict) -> dict:
     rows = {key: load_rows(folder) for key, folder in folders.items()}
     curves = {key: curve(r) for key, r in rows.items()}
     per_seed = [{"seed": seed, **compare(curves[("flow_grpo", seed)], curves[("op_grpo", seed)])} for seed in args.seeds]
-
-    def median_ratio(key):  # a seed that never reaches the target counts as infinitely slow
-        value = statistics.median([s[key] if s[key] is not None else math.inf for s in per_seed])
-        return None if math.isinf(value) else value
 
     finals = {arm: mean_se([s[f"{arm}_final"] for s in per_seed]) for arm in ARMS}
     difference = mean_se([s["op_grpo_final"] - s["flow_grpo_final"] for s in per_seed])
@@ -202,7 +204,8 @@ def summarise(args: BenchArgs, folders: dict) -> dict:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "threads_per_run": 1, "runs_at_a_time": args.parallel},
         "per_seed": per_seed,
-        "median_iteration_ratio": median_ratio("iteration_ratio"), "median_wall_clock_ratio": median_ratio("wall_clock_ratio"),
+        "median_iteration_ratio": median_or_none([s["iteration_ratio"] for s in per_seed]),
+        "median_wall_clock_ratio": median_or_none([s["wall_clock_ratio"] for s in per_seed]),
         "targets": {"iteration_ratio": 0.30, "wall_clock_ratio": 0.40, "paper_iteration_ratio": PAPER_RATIO},
         "final_eval_reward": {arm: {"mean": m, "se_over_seeds": se} for arm, (m, se) in finals.items()},
         "final_difference": {"mean": difference[0], "se_over_seeds": difference[1]},
@@ -355,12 +358,6 @@ def measure_base(samples: int = 16, seed: int = 0) -> dict[str, float]:
     return {"samples_per_prompt": samples, "seed": seed, "noise_level": args.noise_level, "num_steps": args.num_steps,
             "rule": {"hard": "0 < success <= 0.15", "count_bind": "families counting and binding"},
             "band_sizes": {k: len(v) for k, v in bands.items()}, "success": success}
-
-
-def median_or_none(values: list) -> float | None:
-    """The median, counting None (never reached) as infinitely slow; None if that is the median."""
-    value = statistics.median([v if v is not None else math.inf for v in values])
-    return None if math.isinf(value) else value
 
 
 def study_summary(folders: dict) -> dict:

@@ -894,7 +894,8 @@ def main(args: Args) -> list[dict]:
         elif iteration == 0:
             row.update(state.baseline["metrics"])  # the evaluation before the first update, logged with iteration 0
         state.history.append(row)
-        logger.log(row, images and [(images[next(iter(sets))][i], p) for i, p in plumbing.grid_picks(sets)])
+        evaluated = "time/eval" in row  # this iteration's evaluation: its grid picks go to wandb, if used
+        logger.log(row, [(images[next(iter(sets))][i], p) for i, p in plumbing.grid_picks(sets)] if evaluated else None)
 
         # ---- 9. Checkpoint every checkpoint_every iterations; a signal stops the run after its checkpoint
         stop = processes.any(bool(plumbing.STOP_REQUESTED))
