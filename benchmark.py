@@ -323,6 +323,8 @@ STUDY_REGIMES = {  # name: flags; every regime samples 64 images per iteration, 
 # in the regime whose Flow-GRPO arm learns most (mean change over seeds): more replay, and the prompt-replay control
 STUDY_FOLLOW_UP = {"op_rho_0.5": ["--off-policy-fraction", "0.5"],
                    "prompt_replay_rho_0.5": ["--off-policy-fraction", "0.5", "--replay", "prompt"]}
+# a regime whose Flow-GRPO arm does not learn (learns() false) tries each step alone on seed 0 (chosen_tuning)
+STUDY_TUNING = {"lr_2e-4": ["--learning-rate", "2e-4"], "kl_0": ["--kl-beta", "0"]}
 STUDY_SEEDS, STUDY_EXTRA_SEEDS = (0, 1, 2), (3, 4)  # the largest effect after 3 seeds gets 2 more
 STUDY_ARCHIVE = os.path.join(HERE, "assets", "study_runs")  # finished runs' metrics, committed as they come
 DIAGNOSTICS = ["flat_groups", "flat_all_fail", "flat_all_pass", "rescued_groups", "replay_minus_best_fresh",
@@ -385,6 +387,18 @@ def study_summary(folders: dict) -> dict:
                                           for (n, s), r in rows.items()}}
 
 
+def learns(changes: list[float]) -> bool:
+    """The pre-registered check that a baseline learns: mean change over seeds at least three SEs over seeds."""
+    mean, se = mean_se(changes)
+    return se is not None and mean >= 3 * se
+
+
+def chosen_tuning(default_change: float, step_changes: dict[str, float]) -> str | None:
+    """The tuning step with the largest seed-0 change if it beats the default's seed-0 change, else None."""
+    best = max(step_changes, key=step_changes.get)
+    return best if step_changes[best] > default_change else None
+
+
 def run_archived(name: str, seed: int, flags: list[str], args: BenchArgs, archive: str = STUDY_ARCHIVE) -> str:
     """run_one for the study, with an archive that outlives the machine: a finished run is restored from
     <archive>/<run>_<flags digest>.jsonl.gz when its folder lacks metrics, and archived there once finished (not in
@@ -407,7 +421,8 @@ def run_archived(name: str, seed: int, flags: list[str], args: BenchArgs, archiv
 
 
 def run_study(args: BenchArgs) -> dict:
-    """Phase 1: every regime, both arms, 3 seeds. Phase 2: in the regime whose Flow-GRPO learns most (mean change),
+    """Phase 1: every regime's Flow-GRPO arm, 3 seeds, and the tuning of a regime where it does not learn; then
+    both arms of every (tuned) regime, 3 seeds. Phase 2: in the regime whose Flow-GRPO learns most (mean change),
     rho 0.5 and the prompt-replay control. Phase 3: the comparison with the largest |curve-mean difference| / SE
     gets 2 more seeds (both of its arms)."""
     if not all(os.path.exists(band) for band in BANDS.values()):
@@ -415,18 +430,36 @@ def run_study(args: BenchArgs) -> dict:
         with open(os.path.join(HERE, "assets", "base_success.json"), "w") as f:
             json.dump(base, f, indent=1)
     seeds = STUDY_SEEDS[:1] if args.quick else STUDY_SEEDS
-    flags = {f"{regime}/{arm}": regime_flags + ARMS[arm]
-             for regime, regime_flags in STUDY_REGIMES.items() for arm in ARMS}
+    regimes = dict(STUDY_REGIMES)
+    flags = {f"{regime}/flow_grpo": regime_flags + ARMS["flow_grpo"] for regime, regime_flags in regimes.items()}
 
     def run(jobs: list) -> dict:  # [(name, seed)] -> {(name, seed): folder}, args.parallel at a time
         with ThreadPoolExecutor(args.parallel) as pool:
             return dict(zip(jobs, pool.map(lambda job: run_archived(*job, flags[job[0]], args), jobs)))
 
-    folders = run([(name, seed) for seed in seeds for name in flags])  # both arms of a seed side by side
-    changes = {r: float(np.mean([load_rows(folders[(f"{r}/flow_grpo", s)])[-1]["eval_change"] for s in seeds]))
-               for r in STUDY_REGIMES}
+    def change(regime: str, seed: int) -> float:
+        return load_rows(folders[(f"{regime}/flow_grpo", seed)])[-1]["eval_change"]
+
+    # the baseline first: a regime whose Flow-GRPO arm does not learn is tuned on seed 0, each step alone; a chosen
+    # step replaces it as a regime of its own (its seed-0 run is the tuning run)
+    folders = run([(f"{regime}/flow_grpo", seed) for seed in seeds for regime in regimes])
+    tuning = {}
+    for regime in STUDY_REGIMES:
+        if learns([change(regime, seed) for seed in seeds]):
+            continue
+        trials = {f"{regime}_{label}": STUDY_REGIMES[regime] + step for label, step in STUDY_TUNING.items()}
+        flags.update({f"{trial}/flow_grpo": trial_flags + ARMS["flow_grpo"] for trial, trial_flags in trials.items()})
+        folders |= run([(f"{trial}/flow_grpo", seeds[0]) for trial in trials])
+        pick = chosen_tuning(change(regime, seeds[0]), {trial: change(trial, seeds[0]) for trial in trials})
+        tuning[regime] = {"seed0_change": {t: change(t, seeds[0]) for t in [regime, *trials]}, "chosen": pick}
+        if pick:
+            regimes = {(pick if r == regime else r): (trials[pick] if r == regime else f) for r, f in regimes.items()}
+    flags.update({f"{regime}/{arm}": regime_flags + ARMS[arm]
+                  for regime, regime_flags in regimes.items() for arm in ARMS})
+    folders |= run([(f"{regime}/{arm}", seed) for seed in seeds for regime in regimes for arm in ARMS])
+    changes = {r: float(np.mean([change(r, s) for s in seeds])) for r in regimes}
     follow_up = max(changes, key=changes.get)
-    flags.update({f"{follow_up}/{v}": STUDY_REGIMES[follow_up] + f for v, f in STUDY_FOLLOW_UP.items()})
+    flags.update({f"{follow_up}/{v}": regimes[follow_up] + f for v, f in STUDY_FOLLOW_UP.items()})
     folders |= run([(f"{follow_up}/{v}", seed) for seed in seeds for v in STUDY_FOLLOW_UP])
     summary = study_summary(folders)
 
@@ -439,9 +472,10 @@ def run_study(args: BenchArgs) -> dict:
         names = [f"{largest['regime']}/flow_grpo", f"{largest['regime']}/{largest['variant']}"]
         folders |= run([(name, seed) for seed in STUDY_EXTRA_SEEDS for name in names])
         summary = study_summary(folders)
-    summary["choices"] = {"flow_grpo_mean_change": changes, "follow_up_regime": follow_up,
+    summary["choices"] = {"tuning": tuning, "flow_grpo_mean_change": changes, "follow_up_regime": follow_up,
                           "extra_seeds_for": f"{largest['regime']}: {largest['variant']} vs flow_grpo"}
-    summary["config"] = {**asdict(args), "regimes": STUDY_REGIMES, "follow_up": STUDY_FOLLOW_UP, "flags": flags}
+    summary["config"] = {**asdict(args), "regimes": regimes, "tuning": STUDY_TUNING, "follow_up": STUDY_FOLLOW_UP,
+                         "flags": flags}
     return summary
 
 

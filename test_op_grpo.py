@@ -1037,6 +1037,55 @@ def test_study_summary_pairs_each_variant_with_its_regimes_flow_grpo_by_seed(tmp
     assert summary["runs"]["A/op_grpo_seed0"]["rescued_groups"] == 0.5
 
 
+def test_study_learns_rule_and_tuning_choice():
+    import benchmark
+
+    assert benchmark.learns([0.10, 0.11, 0.12])  # mean 0.11, SE 0.0058
+    assert not benchmark.learns([0.086, 0.028, 0.030])  # B with G 2's Flow-GRPO arm: 2.5 SE
+    assert not benchmark.learns([0.5])  # one seed has no SE
+    assert benchmark.chosen_tuning(0.0, {"lr": 0.05, "kl": 0.02}) == "lr"
+    assert benchmark.chosen_tuning(0.086, {"lr": 0.05, "kl": 0.08}) is None  # no step beats the default's seed 0
+
+
+def test_study_tunes_only_a_baseline_that_does_not_learn_and_runs_every_arm_on_the_chosen_setting(tmp_path,
+                                                                                                    monkeypatch):
+    import benchmark
+
+    flow_change = {"L": [0.10, 0.11, 0.12, 0.10, 0.11], "N": [0.0, 0.01, -0.01], "N_lr_2e-4": [0.05, 0.04, 0.06],
+                   "N_kl_0": [0.02]}
+    calls = []
+
+    def fake_run(name, seed, flags, args):
+        calls.append((name, seed, flags))
+        regime, variant = name.split("/")
+        change = flow_change[regime][seed] if variant == "flow_grpo" else 0.03 + 0.01 * seed
+        folder = tmp_path / f"{name.replace('/', '_')}_seed{seed}"
+        folder.mkdir(exist_ok=True)
+        rows = [{"iteration": i, "time/update": 1.0} for i in range(4)]
+        rows[0]["eval_reward"] = 0.1
+        for i, reward in ((1, 0.1 + change / 2), (3, 0.1 + change)):
+            rows[i].update({"eval_reward": reward, "time/eval": 5.0, "eval_se": 0.01, "eval_change": reward - 0.1,
+                            "eval_change_se": 0.02})
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(folder)
+
+    monkeypatch.setattr(benchmark, "run_archived", fake_run)
+    monkeypatch.setattr(benchmark, "STUDY_REGIMES", {"L": ["--l"], "N": ["--n"]})
+    summary = benchmark.run_study(benchmark.BenchArgs(study=True, output_dir=str(tmp_path)))
+    ran = {(name, seed): flags for name, seed, flags in calls}
+    tuned = summary["choices"]["tuning"]
+    assert tuned == {"N": {"seed0_change": pytest.approx({"N": 0.0, "N_lr_2e-4": 0.05, "N_kl_0": 0.02}),
+                           "chosen": "N_lr_2e-4"}}
+    assert ("L_lr_2e-4/flow_grpo", 0) not in ran and ("N_kl_0/flow_grpo", 1) not in ran  # L learns; kl 0 lost
+    assert ran[("N_lr_2e-4/op_grpo", 2)] == ["--n", "--learning-rate", "2e-4"]  # OP-GRPO gets the tuned setting
+    assert ran[("N_lr_2e-4/flow_grpo", 1)] == ["--n", "--learning-rate", "2e-4", "--off-policy-fraction", "0"]
+    assert ("N/op_grpo", 0) not in ran  # the untuned regime gets no OP-GRPO run
+    assert summary["choices"]["follow_up_regime"] == "L"  # largest Flow-GRPO mean change after tuning
+    assert ran[("L/prompt_replay_rho_0.5", 2)] == ["--l", "--off-policy-fraction", "0.5", "--replay", "prompt"]
+    assert {k for k in summary["comparisons"]} >= {"N_lr_2e-4: op_grpo vs flow_grpo", "L: op_rho_0.5 vs flow_grpo"}
+    assert len([c for c in calls if c[1] in (3, 4)]) == 4  # phase 3: one comparison, both arms, seeds 3 and 4
+
+
 # ---------------------------------------------------------------------------------------------------------
 # profile_sd3.py: the SD3.5-Medium-shaped pipeline it builds offline loads through the stock StableDiffusion3Pipeline
 # with the stated architecture, the full-size configs have SD3.5-Medium's sizes, the overhead ratio's arithmetic,
