@@ -75,6 +75,8 @@ class BenchArgs:
     """also run the INVESTIGATION settings (14 more runs with the defaults' seeds: about 2 hours)"""
     study: bool = False
     """run the study of where replay pays instead (STUDY_REGIMES: 0/1 reward, many flat groups); writes study_*"""
+    made_only: bool = False
+    """with --study: summarise the runs made so far (finished or archived), start none, and list the missing ones"""
     parallel: int = 2
     """runs at a time, one CPU thread each"""
     output_dir: str = "runs/benchmark"
@@ -83,11 +85,15 @@ class BenchArgs:
     """where benchmark_results.json and the plots go"""
 
 
+def finished(folder: str, args: BenchArgs) -> bool:
+    rows = load_rows(folder)
+    return len(rows) == args.iterations and "eval_reward" in rows[-1]
+
+
 def run_one(name: str, seed: int, flags: list[str], args: BenchArgs) -> str:
     """One op_grpo.py run in its own process; skipped when its metrics are already complete."""
     folder = os.path.join(args.output_dir, f"{name}_seed{seed}")
-    rows = load_rows(folder)
-    if len(rows) == args.iterations and "eval_reward" in rows[-1]:
+    if finished(folder, args):
         return folder
     command = [sys.executable, os.path.join(HERE, "op_grpo.py"), "--output-dir", folder, "--overwrite", "--seed", str(seed),
                "--iterations", str(args.iterations), "--eval-every", str(args.eval_every),
@@ -412,6 +418,8 @@ def run_archived(name: str, seed: int, flags: list[str], args: BenchArgs, archiv
         os.makedirs(os.path.dirname(rows_path), exist_ok=True)
         with gzip.open(stored, "rt") as f, open(rows_path, "w") as out:
             out.write(f.read())
+    if args.made_only and not finished(os.path.dirname(rows_path), args):
+        return None
     done = run_one(folder.rsplit("_seed", 1)[0], seed, flags, args)
     if not args.quick and not os.path.exists(stored):
         os.makedirs(archive, exist_ok=True)
@@ -433,32 +441,40 @@ def run_study(args: BenchArgs) -> dict:
     regimes = dict(STUDY_REGIMES)
     flags = {f"{regime}/flow_grpo": regime_flags + ARMS["flow_grpo"] for regime, regime_flags in regimes.items()}
 
+    missing = []  # runs not made yet (--made-only)
+
     def run(jobs: list) -> dict:  # [(name, seed)] -> {(name, seed): folder}, args.parallel at a time
         with ThreadPoolExecutor(args.parallel) as pool:
-            return dict(zip(jobs, pool.map(lambda job: run_archived(*job, flags[job[0]], args), jobs)))
+            done = dict(zip(jobs, pool.map(lambda job: run_archived(*job, flags[job[0]], args), jobs)))
+        missing.extend(f"{name} seed {seed}" for (name, seed), folder in done.items() if folder is None)
+        return {job: folder for job, folder in done.items() if folder is not None}
 
-    def change(regime: str, seed: int) -> float:
-        return load_rows(folders[(f"{regime}/flow_grpo", seed)])[-1]["eval_change"]
+    def changes(regime: str, of_seeds: tuple = seeds) -> list[float]:  # Flow-GRPO's, over the seeds made
+        runs = [(f"{regime}/flow_grpo", seed) for seed in of_seeds]
+        return [load_rows(folders[run])[-1]["eval_change"] for run in runs if run in folders]
 
     # the baseline first: a regime whose Flow-GRPO arm does not learn is tuned on seed 0, each step alone; a chosen
     # step replaces it as a regime of its own (its seed-0 run is the tuning run)
     folders = run([(f"{regime}/flow_grpo", seed) for seed in seeds for regime in regimes])
     tuning = {}
     for regime in STUDY_REGIMES:
-        if learns([change(regime, seed) for seed in seeds]):
+        if learns(changes(regime)):
             continue
         trials = {f"{regime}_{label}": STUDY_REGIMES[regime] + step for label, step in STUDY_TUNING.items()}
         flags.update({f"{trial}/flow_grpo": trial_flags + ARMS["flow_grpo"] for trial, trial_flags in trials.items()})
         folders |= run([(f"{trial}/flow_grpo", seeds[0]) for trial in trials])
-        pick = chosen_tuning(change(regime, seeds[0]), {trial: change(trial, seeds[0]) for trial in trials})
-        tuning[regime] = {"seed0_change": {t: change(t, seeds[0]) for t in [regime, *trials]}, "chosen": pick}
+        seed0 = {t: changes(t, seeds[:1]) for t in [regime, *trials]}
+        if not all(seed0.values()):
+            continue  # not all made yet (--made-only)
+        pick = chosen_tuning(seed0[regime][0], {trial: seed0[trial][0] for trial in trials})
+        tuning[regime] = {"seed0_change": {t: c[0] for t, c in seed0.items()}, "chosen": pick}
         if pick:
             regimes = {(pick if r == regime else r): (trials[pick] if r == regime else f) for r, f in regimes.items()}
     flags.update({f"{regime}/{arm}": regime_flags + ARMS[arm]
                   for regime, regime_flags in regimes.items() for arm in ARMS})
     folders |= run([(f"{regime}/{arm}", seed) for seed in seeds for regime in regimes for arm in ARMS])
-    changes = {r: float(np.mean([change(r, s) for s in seeds])) for r in regimes}
-    follow_up = max(changes, key=changes.get)
+    mean_change = {r: float(np.mean(changes(r))) for r in regimes if changes(r)}
+    follow_up = max(mean_change, key=mean_change.get)
     flags.update({f"{follow_up}/{v}": regimes[follow_up] + f for v, f in STUDY_FOLLOW_UP.items()})
     folders |= run([(f"{follow_up}/{v}", seed) for seed in seeds for v in STUDY_FOLLOW_UP])
     summary = study_summary(folders)
@@ -467,13 +483,15 @@ def run_study(args: BenchArgs) -> dict:
         d = entry["mean_curve_difference"]
         return abs(d["mean"]) / d["se_over_seeds"] if d["se_over_seeds"] else abs(d["mean"])
 
-    largest = max(summary["comparisons"].values(), key=strength)
-    if not args.quick:
+    # phase 3 is chosen only once phases 1 and 2 are complete (with --made-only they may not be)
+    largest = max(summary["comparisons"].values(), key=strength) if not missing else None
+    if largest and not args.quick:
         names = [f"{largest['regime']}/flow_grpo", f"{largest['regime']}/{largest['variant']}"]
         folders |= run([(name, seed) for seed in STUDY_EXTRA_SEEDS for name in names])
         summary = study_summary(folders)
-    summary["choices"] = {"tuning": tuning, "flow_grpo_mean_change": changes, "follow_up_regime": follow_up,
-                          "extra_seeds_for": f"{largest['regime']}: {largest['variant']} vs flow_grpo"}
+    summary["missing"] = missing
+    summary["choices"] = {"tuning": tuning, "flow_grpo_mean_change": mean_change, "follow_up_regime": follow_up,
+                          "extra_seeds_for": largest and f"{largest['regime']}: {largest['variant']} vs flow_grpo"}
     summary["config"] = {**asdict(args), "regimes": regimes, "tuning": STUDY_TUNING, "follow_up": STUDY_FOLLOW_UP,
                          "flags": flags}
     return summary
@@ -549,6 +567,8 @@ def report_study(summary: dict) -> None:
               f"{fmt(e['median_iteration_ratio'])}, wall clock {fmt(e['median_wall_clock_ratio'])}; curve OP - Flow "
               f"{pm(e['mean_curve_difference'])}")
     print(f"choices: {summary['choices']}")
+    if summary["missing"]:
+        print(f"not made yet ({len(summary['missing'])}): {', '.join(summary['missing'])}")
 
 
 def main(args: BenchArgs) -> dict:

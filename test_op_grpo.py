@@ -1011,6 +1011,12 @@ def test_study_runs_are_archived_when_finished_and_restored_instead_of_rerun(tmp
     shutil.rmtree(tmp_path / "runs")  # other flags (a tuned baseline) are another run: not restored, run again
     benchmark.run_archived("A/flow_grpo", 0, ["--x", "--learning-rate", "2e-4"], args, archive)
     assert (tmp_path / "ran").exists() and len(list((tmp_path / "archive").iterdir())) == 2
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "ran").unlink()
+    made_only = benchmark.BenchArgs(iterations=3, output_dir=str(tmp_path / "runs"), made_only=True)
+    assert benchmark.run_archived("A/flow_grpo", 0, ["--y"], made_only, archive) is None  # not made: not started
+    assert benchmark.run_archived("A/flow_grpo", 0, ["--x"], made_only, archive) is not None  # restored
+    assert not (tmp_path / "ran").exists()
 
 
 def test_study_summary_pairs_each_variant_with_its_regimes_flow_grpo_by_seed(tmp_path):
@@ -1084,6 +1090,13 @@ def test_study_tunes_only_a_baseline_that_does_not_learn_and_runs_every_arm_on_t
     assert ran[("L/prompt_replay_rho_0.5", 2)] == ["--l", "--off-policy-fraction", "0.5", "--replay", "prompt"]
     assert {k for k in summary["comparisons"]} >= {"N_lr_2e-4: op_grpo vs flow_grpo", "L: op_rho_0.5 vs flow_grpo"}
     assert len([c for c in calls if c[1] in (3, 4)]) == 4  # phase 3: one comparison, both arms, seeds 3 and 4
+
+    # --made-only with the OP-GRPO runs of L not made: they are listed, phase 3 is not chosen, the rest is summarised
+    monkeypatch.setattr(benchmark, "run_archived", lambda name, seed, flags, args: None
+                        if name.startswith("L/") and name != "L/flow_grpo" else fake_run(name, seed, flags, args))
+    partial = benchmark.run_study(benchmark.BenchArgs(study=True, made_only=True, output_dir=str(tmp_path)))
+    assert "L/op_grpo seed 2" in partial["missing"] and "L/prompt_replay_rho_0.5 seed 0" in partial["missing"]
+    assert partial["choices"]["extra_seeds_for"] is None and "N_lr_2e-4: op_grpo vs flow_grpo" in partial["comparisons"]
 
 
 # ---------------------------------------------------------------------------------------------------------
