@@ -559,13 +559,34 @@ def plot_study(summary: dict, assets_dir: str) -> None:
     figure.savefig(os.path.join(assets_dir, "study_diagnostics.png"), dpi=110)
 
 
-def report_study(summary: dict) -> None:
-    fmt = lambda x: "not reached" if x is None else f"{x:.2f}"  # noqa: E731
+def study_tables(summary: dict) -> str:
+    """The study's two Markdown tables: one row per comparison, one row per run (its mechanism's numbers)."""
+    ratio = lambda x: "never" if x is None else f"{x:.2f}"  # noqa: E731
+    num = lambda x, f="+.3f": "–" if x is None else format(x, f)  # noqa: E731
+    lines = ["| comparison | seeds | final Flow / OP | change Flow / OP | iteration ratio per seed (median) | "
+             "wall-clock ratio per seed (median) | curve OP − Flow |", "|---|---|---|---|---|---|---|"]
     for key, e in summary["comparisons"].items():
-        print(f"{key}: final Flow {pm(e['flow_grpo_final'], '')}, OP {pm(e['op_grpo_final'], '')}; change Flow "
-              f"{pm(e['flow_grpo_change'])}, OP {pm(e['op_grpo_change'])}; median ratio iterations "
-              f"{fmt(e['median_iteration_ratio'])}, wall clock {fmt(e['median_wall_clock_ratio'])}; curve OP - Flow "
-              f"{pm(e['mean_curve_difference'])}")
+        per_seed = e["per_seed"]
+        lines.append(f"| {key} | {len(per_seed)} | {pm(e['flow_grpo_final'], '')} / {pm(e['op_grpo_final'], '')} | "
+                     f"{pm(e['flow_grpo_change'])} / {pm(e['op_grpo_change'])} | "
+                     f"{', '.join(ratio(x['iteration_ratio']) for x in per_seed)} "
+                     f"({ratio(e['median_iteration_ratio'])}) | "
+                     f"{', '.join(ratio(x['wall_clock_ratio']) for x in per_seed)} "
+                     f"({ratio(e['median_wall_clock_ratio'])}) | {pm(e['mean_curve_difference'])} |")
+    lines += ["", "| run | change ± paired SE | flat groups (all-fail / all-pass) | rescued groups | replayed − best "
+              "fresh | log w p10 / p50 / p90 | off-policy clip | s / iteration |", "|---|---|---|---|---|---|---|---|"]
+    for run, d in sorted(summary["runs"].items()):
+        c = summary["curves"][run]
+        lines.append(f"| `{run}` | {c['final_change']:+.3f} ± {c['final_change_se']:.3f} | {num(d['flat_groups'], '.2f')} "
+                     f"({num(d['flat_all_fail'], '.2f')} / {num(d['flat_all_pass'], '.2f')}) | "
+                     f"{num(d['rescued_groups'], '.2f')} | {num(d['replay_minus_best_fresh'])} | "
+                     f"{num(d['log_is_weight_p10'])} / {num(d['log_is_weight_p50'])} / {num(d['log_is_weight_p90'])} | "
+                     f"{num(d['clipfrac_off_policy'], '.3f')} | {c['train_seconds'][-1] / c['iterations'][-1]:.2f} |")
+    return "\n".join(lines)
+
+
+def report_study(summary: dict) -> None:
+    print(study_tables(summary))
     print(f"choices: {summary['choices']}")
     if summary["missing"]:
         print(f"not made yet ({len(summary['missing'])}): {', '.join(summary['missing'])}")

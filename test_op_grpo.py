@@ -1090,6 +1090,8 @@ def test_study_tunes_only_a_baseline_that_does_not_learn_and_runs_every_arm_on_t
     assert ran[("L/prompt_replay_rho_0.5", 2)] == ["--l", "--off-policy-fraction", "0.5", "--replay", "prompt"]
     assert {k for k in summary["comparisons"]} >= {"N_lr_2e-4: op_grpo vs flow_grpo", "L: op_rho_0.5 vs flow_grpo"}
     assert len([c for c in calls if c[1] in (3, 4)]) == 4  # phase 3: one comparison, both arms, seeds 3 and 4
+    table = benchmark.study_tables(summary)
+    assert "| N_lr_2e-4: op_grpo vs flow_grpo | 3 | " in table and "| `N_kl_0/flow_grpo_seed0` | +0.020 ± 0.020 |" in table
 
     # --made-only with the OP-GRPO runs of L not made: they are listed, phase 3 is not chosen, the rest is summarised
     monkeypatch.setattr(benchmark, "run_archived", lambda name, seed, flags, args: None
