@@ -505,7 +505,7 @@ def plot_study(summary: dict, assets_dir: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    regimes = list(dict.fromkeys(e["regime"] for e in summary["comparisons"].values()))
+    regimes = list(summary["config"]["regimes"])  # tuned or not; the tuning trials are in the tables only
     colours = {"flow_grpo": "tab:blue", "op_grpo": "tab:red", "op_rho_0.5": "tab:orange",
                "prompt_replay_rho_0.5": "tab:purple"}
     variants = {r: sorted({k.rsplit("_seed", 1)[0] for k in summary["curves"] if k.startswith(r + "/")})
@@ -601,8 +601,8 @@ def main(args: BenchArgs) -> dict:
     os.makedirs(args.assets_dir, exist_ok=True)
     if args.study:
         summary = run_study(args)
-        with open(os.path.join(args.assets_dir, "study_results.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        with open(os.path.join(args.assets_dir, "study_results.json"), "w") as f:  # per-iteration rows: in the archive
+            json.dump({k: v for k, v in summary.items() if k != "diagnostics_per_iteration"}, f, indent=1)
         plot_study(summary, args.assets_dir)
         report_study(summary)
         return summary
