@@ -468,12 +468,12 @@ def run_study(args: BenchArgs) -> dict:
             continue  # not all made yet (--made-only)
         pick = chosen_tuning(seed0[regime][0], {trial: seed0[trial][0] for trial in trials})
         tuning[regime] = {"seed0_change": {t: c[0] for t, c in seed0.items()}, "chosen": pick}
-        if pick:
-            regimes = {(pick if r == regime else r): (trials[pick] if r == regime else f) for r, f in regimes.items()}
+        if pick:  # the tuned regime takes the untuned one's place (the order of runs and plot columns)
+            regimes = {pick if r == regime else r: trials[pick] if r == regime else f for r, f in regimes.items()}
     flags.update({f"{regime}/{arm}": regime_flags + ARMS[arm]
                   for regime, regime_flags in regimes.items() for arm in ARMS})
     folders |= run([(f"{regime}/{arm}", seed) for seed in seeds for regime in regimes for arm in ARMS])
-    mean_change = {r: float(np.mean(changes(r))) for r in regimes if changes(r)}
+    mean_change = {r: float(np.mean(c)) for r in regimes if (c := changes(r))}
     follow_up = max(mean_change, key=mean_change.get)
     flags.update({f"{follow_up}/{v}": regimes[follow_up] + f for v, f in STUDY_FOLLOW_UP.items()})
     folders |= run([(f"{follow_up}/{v}", seed) for seed in seeds for v in STUDY_FOLLOW_UP])
