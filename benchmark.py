@@ -316,8 +316,8 @@ def report(results: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The study: OP-GRPO against Flow-GRPO where all-fail groups are common. Every setting below was fixed before any
-# comparison was run (RESULTS.md, "When does replay pay?").
+# The study: OP-GRPO against Flow-GRPO where all-fail groups are common. Every setting below but phase 4's was fixed
+# before any comparison was run (RESULTS.md, "When does replay pay?").
 # ---------------------------------------------------------------------------------------------------------
 BANDS = {name: os.path.join(HERE, "assets", f"band_{name}.txt") for name in ("hard", "count_bind")}
 STRICT = ["--reward", "geneval_strict"]  # GenEval's 0/1: a group can be all 0
@@ -332,6 +332,14 @@ STUDY_FOLLOW_UP = {"op_rho_0.5": ["--off-policy-fraction", "0.5"],
 # a regime whose Flow-GRPO arm does not learn (learns() false) tries each step alone on seed 0 (chosen_tuning)
 STUDY_TUNING = {"lr_2e-4": ["--learning-rate", "2e-4"], "kl_0": ["--kl-beta", "0"]}
 STUDY_SEEDS, STUDY_EXTRA_SEEDS = (0, 1, 2), (3, 4)  # the largest effect after 3 seeds gets 2 more
+# Phase 4, fixed after phases 1-3 (so its regimes were chosen knowing their results): comparison 5, buffer draws
+# weighted 4:1 toward prompts whose last fresh group all failed while a success is stored, in both B regimes; and the
+# prompt-replay control at OP-GRPO's rho 0.25 in B with G 2, where replay helped. regime: {variant: flags}
+STUDY_LATER = {"B_G2": {"op_failed_x4": ["--failed-weight", "4"], "prompt_replay": ["--replay", "prompt"]},
+               "B_G4": {"op_failed_x4": ["--failed-weight", "4"]}}
+# paired over seeds, within a regime: (regime, variant, reference); curve-mean and final differences, variant - reference
+STUDY_CONTRASTS = [("B_G4", "op_rho_0.5", "prompt_replay_rho_0.5"), ("B_G2", "op_grpo", "prompt_replay"),
+                   ("B_G2", "op_failed_x4", "op_grpo"), ("B_G4", "op_failed_x4", "op_grpo")]
 STUDY_ARCHIVE = os.path.join(HERE, "assets", "study_runs")  # finished runs' metrics, committed as they come
 DIAGNOSTICS = ["flat_groups", "flat_all_fail", "flat_all_pass", "rescued_groups", "replay_minus_best_fresh",
                "log_is_weight_p10", "log_is_weight_p50", "log_is_weight_p90", "clipfrac_off_policy", "replayed_groups"]
@@ -386,7 +394,19 @@ def study_summary(folders: dict) -> dict:
         entry["median_wall_clock_ratio"] = median_or_none([x["wall_clock_ratio"] for x in per_seed])
         for k in ("flow_grpo_final", "op_grpo_final", "flow_grpo_change", "op_grpo_change", "mean_curve_difference"):
             entry[k] = dict(zip(("mean", "se_over_seeds"), mean_se([x[k] for x in per_seed])))
-    return {"comparisons": comparisons,
+    contrasts = {}  # two variants of one regime, paired by seed (the seeds both have)
+    for regime, variant, reference in STUDY_CONTRASTS:
+        pairs = [(curves[(f"{regime}/{reference}", s)], c) for (n, s), c in sorted(curves.items())
+                 if n == f"{regime}/{variant}" and (f"{regime}/{reference}", s) in curves]
+        if pairs:
+            per_seed = [compare(ref, c) for ref, c in pairs]
+            contrasts[f"{regime}: {variant} − {reference}"] = {
+                "seeds": len(pairs), "curve": dict(zip(("mean", "se_over_seeds"),
+                                                       mean_se([x["mean_curve_difference"] for x in per_seed]))),
+                "final": dict(zip(("mean", "se_over_seeds"),
+                                  mean_se([x["op_grpo_final"] - x["flow_grpo_final"] for x in per_seed]))),
+                "curve_per_seed": [x["mean_curve_difference"] for x in per_seed]}
+    return {"comparisons": comparisons, "contrasts": contrasts,
             "runs": {f"{n}_seed{s}": {k: mean_of(r, k) for k in DIAGNOSTICS} for (n, s), r in rows.items()},
             "curves": {f"{n}_seed{s}": c for (n, s), c in curves.items()},
             "diagnostics_per_iteration": {f"{n}_seed{s}": {k: [x.get(k) for x in r] for k in DIAGNOSTICS}
@@ -432,7 +452,7 @@ def run_study(args: BenchArgs) -> dict:
     """Phase 1: every regime's Flow-GRPO arm, 3 seeds, and the tuning of a regime where it does not learn; then
     both arms of every (tuned) regime, 3 seeds. Phase 2: in the regime whose Flow-GRPO learns most (mean change),
     rho 0.5 and the prompt-replay control. Phase 3: the comparison with the largest |curve-mean difference| / SE
-    gets 2 more seeds (both of its arms)."""
+    gets 2 more seeds (both of its arms). Phase 4: STUDY_LATER, 3 seeds each."""
     if not all(os.path.exists(band) for band in BANDS.values()):
         base = measure_base()
         with open(os.path.join(HERE, "assets", "base_success.json"), "w") as f:
@@ -456,7 +476,7 @@ def run_study(args: BenchArgs) -> dict:
     # the baseline first: a regime whose Flow-GRPO arm does not learn is tuned on seed 0, each step alone; a chosen
     # step replaces it as a regime of its own (its seed-0 run is the tuning run)
     folders = run([(f"{regime}/flow_grpo", seed) for seed in seeds for regime in regimes])
-    tuning = {}
+    tuning, current = {}, {regime: regime for regime in regimes}  # a regime's name, tuned or not
     for regime in STUDY_REGIMES:
         if learns(changes(regime)):
             continue
@@ -470,6 +490,7 @@ def run_study(args: BenchArgs) -> dict:
         tuning[regime] = {"seed0_change": {t: c[0] for t, c in seed0.items()}, "chosen": pick}
         if pick:  # the tuned regime takes the untuned one's place (the order of runs and plot columns)
             regimes = {pick if r == regime else r: trials[pick] if r == regime else f for r, f in regimes.items()}
+            current[regime] = pick
     flags.update({f"{regime}/{arm}": regime_flags + ARMS[arm]
                   for regime, regime_flags in regimes.items() for arm in ARMS})
     folders |= run([(f"{regime}/{arm}", seed) for seed in seeds for regime in regimes for arm in ARMS])
@@ -488,12 +509,18 @@ def run_study(args: BenchArgs) -> dict:
     if largest and not args.quick:
         names = [f"{largest['regime']}/flow_grpo", f"{largest['regime']}/{largest['variant']}"]
         folders |= run([(name, seed) for seed in STUDY_EXTRA_SEEDS for name in names])
-        summary = study_summary(folders)
+    # phase 4: comparison 5 and the control where replay helped, on the (tuned) regimes' flags
+    later = {f"{current[r]}/{v}": regimes[current[r]] + f for r, vs in STUDY_LATER.items() if r in current
+             for v, f in vs.items()}
+    flags.update(later)
+    folders |= run([(f"{current[r]}/{v}", seed) for r, vs in STUDY_LATER.items() if r in current
+                    for seed in seeds for v in vs])  # seeds interleaved: a cut loses seeds, not comparisons
+    summary = study_summary(folders)
     summary["missing"] = missing
     summary["choices"] = {"tuning": tuning, "flow_grpo_mean_change": mean_change, "follow_up_regime": follow_up,
                           "extra_seeds_for": largest and f"{largest['regime']}: {largest['variant']} vs flow_grpo"}
     summary["config"] = {**asdict(args), "regimes": regimes, "tuning": STUDY_TUNING, "follow_up": STUDY_FOLLOW_UP,
-                         "flags": flags}
+                         "later": STUDY_LATER, "contrasts": STUDY_CONTRASTS, "flags": flags}
     return summary
 
 
@@ -507,7 +534,7 @@ def plot_study(summary: dict, assets_dir: str) -> None:
 
     regimes = list(summary["config"]["regimes"])  # tuned or not; the tuning trials are in the tables only
     colours = {"flow_grpo": "tab:blue", "op_grpo": "tab:red", "op_rho_0.5": "tab:orange",
-               "prompt_replay_rho_0.5": "tab:purple"}
+               "prompt_replay_rho_0.5": "tab:purple", "op_failed_x4": "tab:green", "prompt_replay": "tab:brown"}
     variants = {r: sorted({k.rsplit("_seed", 1)[0] for k in summary["curves"] if k.startswith(r + "/")})
                 for r in regimes}
     runs_of = lambda variant: [k for k in summary["curves"] if k.rsplit("_seed", 1)[0] == variant]  # noqa: E731
@@ -560,7 +587,8 @@ def plot_study(summary: dict, assets_dir: str) -> None:
 
 
 def study_tables(summary: dict) -> str:
-    """The study's two Markdown tables: one row per comparison, one row per run (its mechanism's numbers)."""
+    """The study's Markdown tables: one row per comparison with Flow-GRPO, one per contrast of two variants, one per
+    run (its mechanism's numbers)."""
     ratio = lambda x: "never" if x is None else f"{x:.2f}"  # noqa: E731
     num = lambda x, f="+.3f": "–" if x is None else format(x, f)  # noqa: E731
     lines = ["| comparison | seeds | final Flow / OP | change Flow / OP | iteration ratio per seed (median) | "
@@ -573,6 +601,10 @@ def study_tables(summary: dict) -> str:
                      f"({ratio(e['median_iteration_ratio'])}) | "
                      f"{', '.join(ratio(x['wall_clock_ratio']) for x in per_seed)} "
                      f"({ratio(e['median_wall_clock_ratio'])}) | {pm(e['mean_curve_difference'])} |")
+    if summary.get("contrasts"):
+        lines += ["", "| contrast (paired by seed) | seeds | curve, per seed | curve | final |", "|---|---|---|---|---|"]
+        lines += [f"| {key} | {c['seeds']} | {', '.join(f'{x:+.3f}' for x in c['curve_per_seed'])} | {pm(c['curve'])} | "
+                  f"{pm(c['final'])} |" for key, c in summary["contrasts"].items()]
     lines += ["", "| run | change ± paired SE | flat groups (all-fail / all-pass) | rescued groups | replayed − best "
               "fresh | log w p10 / p50 / p90 | off-policy clip | s / iteration |", "|---|---|---|---|---|---|---|---|"]
     for run, d in sorted(summary["runs"].items()):

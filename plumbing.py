@@ -42,7 +42,8 @@ LIMITS = [
     ("guidance_scale", "at least 1 (1 disables guidance)", lambda v: v >= 1),
     ("checkpoint_every", "non-negative (0 = only at the end and on a signal)", lambda v: v >= 0),
     ("lora_alpha", "positive", lambda v: v is None or v > 0),
-    *[(f, "positive", lambda v: v > 0) for f in ("learning_rate", "clip_range", "adv_clip", "max_grad_norm")],
+    *[(f, "positive", lambda v: v > 0)
+      for f in ("learning_rate", "clip_range", "adv_clip", "max_grad_norm", "failed_weight")],
     *[(f, "non-negative", lambda v: v >= 0)
       for f in ("kl_beta", "reward_decay", "warmup_iterations", "lora_rank", "micro_batch", "max_sequence_length")],
     *[(f, "at least 1", lambda v: v >= 1)
@@ -525,6 +526,11 @@ def request_stop(signum, frame) -> None:
     STOP_REQUESTED.append(signum)
     print(f"\n{signal.Signals(signum).name}: finishing this iteration and writing a checkpoint (send it again to stop "
           "now)", file=sys.stderr, flush=True)
+
+
+def stop_message(iteration: int, output_dir: str) -> str:
+    name = signal.Signals(STOP_REQUESTED[0]).name if STOP_REQUESTED else "a signal on another process"
+    return f"stopped by {name} after iteration {iteration}; continue with: python op_grpo.py --resume {output_dir}"
 
 
 def quiet_libraries() -> None:

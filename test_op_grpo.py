@@ -333,6 +333,30 @@ def test_buffer_sample_is_distinct_and_bounded():
     assert sorted(buffer.sample(9, random.Random(0))) == sorted(buffer.entries)
 
 
+def test_failed_weight_draws_prompts_whose_stored_trajectory_beats_their_last_fresh_group_in_proportion():
+    buffer = ReplayBuffer(capacity=10, decay=0.0, failed_weight=4.0)
+    buffer.offer("rescuable", *entry(0), reward=1.0)
+    buffer.offer("rescuable", *entry(0), reward=0.0)  # a later all-fail group: refused, but remembered
+    buffer.offer("never", *entry(0), reward=0.0)  # all-fail, and no success stored: nothing to rescue
+    buffer.offer("solved", *entry(0), reward=1.0)
+    buffer.offer("solved", *entry(0), reward=1.0)  # a success in its latest group too
+    buffer.offer("new", *entry(0), reward=1.0)
+    # only "rescuable" is failed. Closed form for weights 4, 1, 1, 1: one draw picks it with probability 4/7, and
+    # two draws include it with 4/7 + 3 (1/7)(4/6) = 6/7; each of the others is drawn alone with 1/7
+    rng, n = random.Random(0), 20000
+    for prompt, draws, expected in (("rescuable", 1, 4 / 7), ("rescuable", 2, 6 / 7), ("never", 1, 1 / 7),
+                                    ("solved", 1, 1 / 7)):
+        hits = [(prompt in buffer.sample(draws, rng)) for _ in range(n)]
+        assert abs(np.mean(hits) - expected) < 4 * math.sqrt(expected * (1 - expected) / n)
+    assert sorted(buffer.sample(10, rng)) == sorted(buffer.entries)  # distinct and bounded, as uniform draws
+    restored = ReplayBuffer(capacity=10, decay=0.0, failed_weight=4.0)
+    restored.load_state_dict(buffer.state_dict())  # --resume keeps what the weights depend on
+    assert restored.last_best_fresh == {"rescuable": 0.0, "never": 0.0, "solved": 1.0, "new": 1.0}
+    # weight 1 is the default's uniform draw, random stream included
+    buffer.failed_weight = 1.0
+    assert buffer.sample(2, random.Random(5)) == random.Random(5).sample(sorted(buffer.entries), 2)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------
@@ -373,6 +397,7 @@ def test_cli_parses_the_documented_flags():
         (["--resolution", "40"], "--resolution"),
         (["--lora-rank", "-1"], "--lora-rank"),
         (["--micro-batch", "-2"], "--micro-batch"),
+        (["--failed-weight", "0"], "--failed-weight"),
     ],
 )
 def test_impossible_settings_are_rejected_with_the_flag_named(flags, flag_named):
@@ -1019,7 +1044,7 @@ def test_study_runs_are_archived_when_finished_and_restored_instead_of_rerun(tmp
     assert not (tmp_path / "ran").exists()
 
 
-def test_study_summary_pairs_each_variant_with_its_regimes_flow_grpo_by_seed(tmp_path):
+def test_study_summary_pairs_each_variant_with_its_regimes_flow_grpo_by_seed(tmp_path, monkeypatch):
     import benchmark
 
     def write(name, seed, rewards, extra=None):
@@ -1037,10 +1062,16 @@ def test_study_summary_pairs_each_variant_with_its_regimes_flow_grpo_by_seed(tmp
                     write("A/flow_grpo", 1, [0.1, 0.1, 0.2]), write("A/op_grpo", 1, [0.1, 0.2, 0.2])])
     summary = benchmark.study_summary(folders)
     entry = summary["comparisons"]["A: op_grpo vs flow_grpo"]
+    assert summary["contrasts"] == {}  # none of STUDY_CONTRASTS' regimes here
     assert [s["seed"] for s in entry["per_seed"]] == [0, 1] and entry["regime"] == "A"
     assert entry["mean_curve_difference"]["mean"] == pytest.approx((0.05 + 0.05) / 2)  # (0.3+0.3-0.2-0.3)/2 per seed
     assert entry["median_iteration_ratio"] == pytest.approx((2 / 4 + 2 / 4) / 2)  # OP reaches Flow's final at 2 of 4
     assert summary["runs"]["A/op_grpo_seed0"]["rescued_groups"] == 0.5
+    folders |= dict([write("A/other", 1, [0.1, 0.4, 0.1])])  # a variant paired with op_grpo on the seed both have
+    monkeypatch.setattr(benchmark, "STUDY_CONTRASTS", [("A", "other", "op_grpo")])
+    contrast = benchmark.study_summary(folders)["contrasts"]["A: other − op_grpo"]
+    assert contrast["seeds"] == 1 and contrast["curve_per_seed"] == pytest.approx([(0.4 + 0.1 - 0.2 - 0.2) / 2])
+    assert contrast["final"] == {"mean": pytest.approx(0.1 - 0.2), "se_over_seeds": None}
 
 
 def test_study_learns_rule_and_tuning_choice():
@@ -1077,6 +1108,8 @@ def test_study_tunes_only_a_baseline_that_does_not_learn_and_runs_every_arm_on_t
 
     monkeypatch.setattr(benchmark, "run_archived", fake_run)
     monkeypatch.setattr(benchmark, "STUDY_REGIMES", {"L": ["--l"], "N": ["--n"]})
+    monkeypatch.setattr(benchmark, "STUDY_LATER", {"N": {"op_failed_x4": ["--failed-weight", "4"]}, "Z": {"x": []}})
+    monkeypatch.setattr(benchmark, "STUDY_CONTRASTS", [("N_lr_2e-4", "op_failed_x4", "op_grpo")])
     summary = benchmark.run_study(benchmark.BenchArgs(study=True, output_dir=str(tmp_path)))
     ran = {(name, seed): flags for name, seed, flags in calls}
     tuned = summary["choices"]["tuning"]
@@ -1090,8 +1123,13 @@ def test_study_tunes_only_a_baseline_that_does_not_learn_and_runs_every_arm_on_t
     assert ran[("L/prompt_replay_rho_0.5", 2)] == ["--l", "--off-policy-fraction", "0.5", "--replay", "prompt"]
     assert {k for k in summary["comparisons"]} >= {"N_lr_2e-4: op_grpo vs flow_grpo", "L: op_rho_0.5 vs flow_grpo"}
     assert len([c for c in calls if c[1] in (3, 4)]) == 4  # phase 3: one comparison, both arms, seeds 3 and 4
+    # phase 4 runs on the tuned regime's flags, 3 seeds, and skips a regime the study does not have
+    assert ran[("N_lr_2e-4/op_failed_x4", 2)] == ["--n", "--learning-rate", "2e-4", "--failed-weight", "4"]
+    assert [c[1] for c in calls if c[0] == "N_lr_2e-4/op_failed_x4"] == [0, 1, 2] and not any("Z" in c[0] for c in calls)
+    assert summary["contrasts"]["N_lr_2e-4: op_failed_x4 − op_grpo"]["seeds"] == 3
     table = benchmark.study_tables(summary)
     assert "| N_lr_2e-4: op_grpo vs flow_grpo | 3 | " in table and "| `N_kl_0/flow_grpo_seed0` | +0.020 ± 0.020 |" in table
+    assert "| N_lr_2e-4: op_failed_x4 − op_grpo | 3 | +0.000, +0.000, +0.000 | +0.000 +- 0.000 |" in table
 
     # --made-only with the OP-GRPO runs of L not made: they are listed, phase 3 is not chosen, the rest is summarised
     monkeypatch.setattr(benchmark, "run_archived", lambda name, seed, flags, args: None
