@@ -337,6 +337,8 @@ STUDY_SEEDS, STUDY_EXTRA_SEEDS = (0, 1, 2), (3, 4)  # the largest effect after 3
 # prompt-replay control at OP-GRPO's rho 0.25 in B with G 2, where replay helped. regime: {variant: flags}
 STUDY_LATER = {"B_G2": {"op_failed_x4": ["--failed-weight", "4"], "prompt_replay": ["--replay", "prompt"]},
                "B_G4": {"op_failed_x4": ["--failed-weight", "4"]}}
+# Phase 5, a replication fixed after phase 4: the regime where replay helped gets seeds 3 and 4 of these variants
+STUDY_REPLICATION = {"B_G2": ("flow_grpo", "op_grpo", "prompt_replay")}
 # paired over seeds, within a regime: (regime, variant, reference); curve-mean and final differences, variant - reference
 STUDY_CONTRASTS = [("B_G4", "op_rho_0.5", "prompt_replay_rho_0.5"), ("B_G2", "op_grpo", "prompt_replay"),
                    ("B_G2", "op_failed_x4", "op_grpo"), ("B_G4", "op_failed_x4", "op_grpo")]
@@ -452,7 +454,7 @@ def run_study(args: BenchArgs) -> dict:
     """Phase 1: every regime's Flow-GRPO arm, 3 seeds, and the tuning of a regime where it does not learn; then
     both arms of every (tuned) regime, 3 seeds. Phase 2: in the regime whose Flow-GRPO learns most (mean change),
     rho 0.5 and the prompt-replay control. Phase 3: the comparison with the largest |curve-mean difference| / SE
-    gets 2 more seeds (both of its arms). Phase 4: STUDY_LATER, 3 seeds each."""
+    gets 2 more seeds (both of its arms). Phase 4: STUDY_LATER, 3 seeds each. Phase 5: STUDY_REPLICATION."""
     if not all(os.path.exists(band) for band in BANDS.values()):
         base = measure_base()
         with open(os.path.join(HERE, "assets", "base_success.json"), "w") as f:
@@ -515,12 +517,16 @@ def run_study(args: BenchArgs) -> dict:
     flags.update(later)
     folders |= run([(f"{current[r]}/{v}", seed) for r, vs in STUDY_LATER.items() if r in current
                     for seed in seeds for v in vs])  # seeds interleaved: a cut loses seeds, not comparisons
+    if not args.quick:  # phase 5: the replication, on the same flags as the first seeds
+        folders |= run([(f"{current[r]}/{v}", seed) for r, vs in STUDY_REPLICATION.items() if r in current
+                        for seed in STUDY_EXTRA_SEEDS for v in vs])
     summary = study_summary(folders)
     summary["missing"] = missing
     summary["choices"] = {"tuning": tuning, "flow_grpo_mean_change": mean_change, "follow_up_regime": follow_up,
                           "extra_seeds_for": largest and f"{largest['regime']}: {largest['variant']} vs flow_grpo"}
     summary["config"] = {**asdict(args), "regimes": regimes, "tuning": STUDY_TUNING, "follow_up": STUDY_FOLLOW_UP,
-                         "later": STUDY_LATER, "contrasts": STUDY_CONTRASTS, "flags": flags}
+                         "later": STUDY_LATER, "replication": STUDY_REPLICATION, "contrasts": STUDY_CONTRASTS,
+                         "flags": flags}
     return summary
 
 

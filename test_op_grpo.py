@@ -1110,6 +1110,7 @@ def test_study_tunes_only_a_baseline_that_does_not_learn_and_runs_every_arm_on_t
     monkeypatch.setattr(benchmark, "STUDY_REGIMES", {"L": ["--l"], "N": ["--n"]})
     monkeypatch.setattr(benchmark, "STUDY_LATER", {"N": {"op_failed_x4": ["--failed-weight", "4"]}, "Z": {"x": []}})
     monkeypatch.setattr(benchmark, "STUDY_CONTRASTS", [("N_lr_2e-4", "op_failed_x4", "op_grpo")])
+    monkeypatch.setattr(benchmark, "STUDY_REPLICATION", {"N": ("op_failed_x4",)})
     summary = benchmark.run_study(benchmark.BenchArgs(study=True, output_dir=str(tmp_path)))
     ran = {(name, seed): flags for name, seed, flags in calls}
     tuned = summary["choices"]["tuning"]
@@ -1122,10 +1123,11 @@ def test_study_tunes_only_a_baseline_that_does_not_learn_and_runs_every_arm_on_t
     assert summary["choices"]["follow_up_regime"] == "L"  # largest Flow-GRPO mean change after tuning
     assert ran[("L/prompt_replay_rho_0.5", 2)] == ["--l", "--off-policy-fraction", "0.5", "--replay", "prompt"]
     assert {k for k in summary["comparisons"]} >= {"N_lr_2e-4: op_grpo vs flow_grpo", "L: op_rho_0.5 vs flow_grpo"}
-    assert len([c for c in calls if c[1] in (3, 4)]) == 4  # phase 3: one comparison, both arms, seeds 3 and 4
+    assert len([c for c in calls if c[1] in (3, 4) and c[0][0] == "L"]) == 4  # phase 3: one comparison, both arms
     # phase 4 runs on the tuned regime's flags, 3 seeds, and skips a regime the study does not have
     assert ran[("N_lr_2e-4/op_failed_x4", 2)] == ["--n", "--learning-rate", "2e-4", "--failed-weight", "4"]
-    assert [c[1] for c in calls if c[0] == "N_lr_2e-4/op_failed_x4"] == [0, 1, 2] and not any("Z" in c[0] for c in calls)
+    assert [c[1] for c in calls if c[0] == "N_lr_2e-4/op_failed_x4"] == [0, 1, 2, 3, 4]  # phases 4 and 5
+    assert not any("Z" in c[0] for c in calls)
     assert summary["contrasts"]["N_lr_2e-4: op_failed_x4 − op_grpo"]["seeds"] == 3
     table = benchmark.study_tables(summary)
     assert "| N_lr_2e-4: op_grpo vs flow_grpo | 3 | " in table and "| `N_kl_0/flow_grpo_seed0` | +0.020 ± 0.020 |" in table
