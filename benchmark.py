@@ -138,6 +138,11 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
     return float(np.mean(values)), float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
 
 
+def seed_stat(values: list[float]) -> dict:
+    """{"mean", "se_over_seeds"} of per-seed values (mean_se as the results JSON stores it)."""
+    return dict(zip(("mean", "se_over_seeds"), mean_se(values)))
+
+
 def pm(stat: dict, sign: str = "+") -> str:
     """'mean +- SE' of a {"mean", "se_over_seeds"} entry, or 'mean (one seed: no SE)'."""
     se = stat["se_over_seeds"]
@@ -216,9 +221,9 @@ def summarise(args: BenchArgs, folders: dict) -> dict:
         "final_eval_reward": {arm: {"mean": m, "se_over_seeds": se} for arm, (m, se) in finals.items()},
         "final_difference": {"mean": difference[0], "se_over_seeds": difference[1]},
         "mean_curve_difference": {"mean": curve_difference[0], "se_over_seeds": curve_difference[1]},
-        "paper_implied_curve_difference": dict(zip(("mean", "se_over_seeds"), mean_se([s["paper_implied_curve_difference"] for s in per_seed]))),
+        "paper_implied_curve_difference": seed_stat([s["paper_implied_curve_difference"] for s in per_seed]),
         # per seed, paper-implied minus measured: how far the measured curves are from the paper's claim
-        "shortfall_from_paper": dict(zip(("mean", "se_over_seeds"), mean_se([s["paper_implied_curve_difference"] - s["mean_curve_difference"] for s in per_seed]))),
+        "shortfall_from_paper": seed_stat([s["paper_implied_curve_difference"] - s["mean_curve_difference"] for s in per_seed]),
         "ablations": ablations, "investigation": investigation, "cliff": cliff, "seconds_per_iteration": times,
         "curves": {f"{name}_seed{seed}": c for (name, seed), c in curves.items()},
     }
@@ -395,19 +400,17 @@ def study_summary(folders: dict) -> dict:
         entry["median_iteration_ratio"] = median_or_none([x["iteration_ratio"] for x in per_seed])
         entry["median_wall_clock_ratio"] = median_or_none([x["wall_clock_ratio"] for x in per_seed])
         for k in ("flow_grpo_final", "op_grpo_final", "flow_grpo_change", "op_grpo_change", "mean_curve_difference"):
-            entry[k] = dict(zip(("mean", "se_over_seeds"), mean_se([x[k] for x in per_seed])))
+            entry[k] = seed_stat([x[k] for x in per_seed])
     contrasts = {}  # two variants of one regime, paired by seed (the seeds both have)
     for regime, variant, reference in STUDY_CONTRASTS:
         pairs = [(curves[(f"{regime}/{reference}", s)], c) for (n, s), c in sorted(curves.items())
                  if n == f"{regime}/{variant}" and (f"{regime}/{reference}", s) in curves]
         if pairs:
             per_seed = [compare(ref, c) for ref, c in pairs]
+            gaps = [x["mean_curve_difference"] for x in per_seed]
             contrasts[f"{regime}: {variant} − {reference}"] = {
-                "seeds": len(pairs), "curve": dict(zip(("mean", "se_over_seeds"),
-                                                       mean_se([x["mean_curve_difference"] for x in per_seed]))),
-                "final": dict(zip(("mean", "se_over_seeds"),
-                                  mean_se([x["op_grpo_final"] - x["flow_grpo_final"] for x in per_seed]))),
-                "curve_per_seed": [x["mean_curve_difference"] for x in per_seed]}
+                "seeds": len(pairs), "curve": seed_stat(gaps), "curve_per_seed": gaps,
+                "final": seed_stat([x["op_grpo_final"] - x["flow_grpo_final"] for x in per_seed])}
     return {"comparisons": comparisons, "contrasts": contrasts,
             "runs": {f"{n}_seed{s}": {k: mean_of(r, k) for k in DIAGNOSTICS} for (n, s), r in rows.items()},
             "curves": {f"{n}_seed{s}": c for (n, s), c in curves.items()},
@@ -515,8 +518,7 @@ def run_study(args: BenchArgs) -> dict:
     later = {f"{current[r]}/{v}": regimes[current[r]] + f for r, vs in STUDY_LATER.items() if r in current
              for v, f in vs.items()}
     flags.update(later)
-    folders |= run([(f"{current[r]}/{v}", seed) for r, vs in STUDY_LATER.items() if r in current
-                    for seed in seeds for v in vs])  # seeds interleaved: a cut loses seeds, not comparisons
+    folders |= run([(name, seed) for seed in seeds for name in later])  # by seed: a cut loses seeds, not comparisons
     if not args.quick:  # phase 5: the replication, on the same flags as the first seeds
         folders |= run([(f"{current[r]}/{v}", seed) for r, vs in STUDY_REPLICATION.items() if r in current
                         for seed in STUDY_EXTRA_SEEDS for v in vs])
