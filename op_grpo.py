@@ -96,7 +96,7 @@ class Args:
 
     # --- rollouts (Flow-GRPO Sec. 4: SDE sampling)
     iterations: int | None = None
-    """rollout-and-update iterations (tiny: 200, sd3: 500)"""
+    """rollout-and-update iterations in all; with --resume the run's total, not a further count (tiny: 200, sd3: 500)"""
     prompts_per_iteration: int | None = None
     """P: prompt slots per iteration, fresh or replayed (tiny: 8, sd3: 4)"""
     group_size: int | None = None
@@ -123,6 +123,9 @@ class Args:
     """advantages are clipped to +-adv_clip (Flow-GRPO: 5)"""
     kl_beta: float = 0.01
     """beta of the KL penalty to the frozen initial model (Eq. 4; Flow-GRPO PickScore: 0.01); 0 = none, no pass"""
+    kl_form: Literal["exact", "flow_grpo"] | None = None
+    """exact: the Gaussian KL of each transition; flow_grpo: Flow-GRPO's penalty, |dt| x that KL, with which its beta
+    is meant (10 steps: about 1/10 as strong) (tiny: exact; sd3: flow_grpo)"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
 
@@ -175,11 +178,11 @@ PRESETS = {
     "tiny": dict(pretrained=os.path.join(HERE, "tiny_sd3"), reward="geneval", resolution=32, max_sequence_length=0,
                  lora_rank=0, mixed_precision="no", micro_batch=0, iterations=200, prompts_per_iteration=8,
                  group_size=8, guidance_scale=1.0, learning_rate=1e-4, clip_range=2e-3, eval_every=50,
-                 eval_per_family=128, eval_steps=10, checkpoint_every=50),
+                 eval_per_family=128, eval_steps=10, checkpoint_every=50, kl_form="exact"),
     "sd3": dict(pretrained="stabilityai/stable-diffusion-3.5-medium", reward="pickscore", resolution=512,
                 max_sequence_length=256, lora_rank=32, mixed_precision="bf16", micro_batch=4, iterations=500,
                 prompts_per_iteration=4, group_size=8, guidance_scale=4.5, learning_rate=3e-4, clip_range=1e-4,
-                eval_every=50, eval_per_family=32, eval_steps=40, checkpoint_every=25),
+                eval_every=50, eval_per_family=32, eval_steps=40, checkpoint_every=25, kl_form="flow_grpo"),
 }
 
 
@@ -279,10 +282,16 @@ def gaussian_kl(mean, mean_ref, std_dev):
     """Eq. 4's KL(p_theta || p_ref) per step for two Gaussians of equal std: |mu - mu_ref|^2 / (2 std^2).
 
     (B, C, H, W) means, (B, 1, 1, 1) std -> (B,), averaged over dimensions like the log-probs. This is the
-    exact KL of the transition; Flow-GRPO's code divides by 2 s_sigma^2 instead (no |dt|), which is ours
-    times |dt|: with 10 steps our beta is worth about 10 of theirs.
+    exact KL of the transition; Flow-GRPO's code divides by 2 s_sigma^2 instead (no |dt|): see kl_penalty.
     """
     return ((mean - mean_ref) ** 2 / (2 * std_dev**2)).mean(dim=tuple(range(1, mean.ndim)))
+
+
+def kl_penalty(kl, dt: float, form: str):
+    """Eq. 4's penalty of one step from its exact KL, (B,) -> (B,): "exact" keeps it; "flow_grpo" is Flow-GRPO's
+    |mu - mu_ref|^2 / (2 s_sigma^2) averaged over dimensions, the KL times |dt| (the transition's variance is
+    s_sigma^2 |dt|): with 10 steps, a tenth of the exact KL on average. dt = sigma_next - sigma."""
+    return kl * abs(dt) if form == "flow_grpo" else kl
 
 
 # =========================================================================================================
@@ -759,7 +768,8 @@ def update_pass(model: Model, args: Args, batch: dict, idx: torch.Tensor, k: int
             _, mean_ref, _ = step_log_prob(model.reference, x, x_next, k, cond, model, args, where + " (reference)")
         kl = gaussian_kl(mean, mean_ref, std_dev)
         require_finite("KL to the reference", kl, where)
-        loss = loss + args.kl_beta * kl.sum()
+        dt = (model.sigmas[k + 1] - model.sigmas[k]).item()
+        loss = loss + args.kl_beta * kl_penalty(kl, dt, args.kl_form).sum()
         stats["kl"].append(kl.mean().item())
     require_finite("loss", loss, where)
     (loss / n_terms).backward()
@@ -828,14 +838,15 @@ def main(args: Args) -> list[dict]:
     buffer = ReplayBuffer(args.buffer_capacity, args.reward_decay, args.failed_weight)
     state = plumbing.RunState(args, model.transformer, optimizer, warmup, buffer, rng, generator, processes)
     start = state.load(saved) if saved is not None else 0
-    plumbing.prepare_output_dir(args, processes)  # only now: a start that fails leaves nothing behind
+    changed = plumbing.prepare_output_dir(args, processes, start)  # only now: a start that fails leaves nothing
 
     # ---- Evaluation before any update, or the state of the run being resumed
     eval_sigmas = noise_schedule(model.pipe, args.eval_steps, device)
     model.transformer.eval()
     if saved is not None:
         say(f"resumed {args.resume} at iteration {start}" + ("" if plumbing.same_folder(args.resume, args.output_dir)
-                                                             else f", writing to {args.output_dir}"))
+                                                             else f", writing to {args.output_dir}")
+            + (f"; changed since its last start: {changed}" if changed else ""))
     else:  # rank 0 evaluates; the others get its result
         if processes.main:
             metrics, images, outcomes = evaluate(model, args, sets, mix, eval_sigmas, reward_fn)
@@ -897,10 +908,10 @@ def main(args: Args) -> list[dict]:
             row = {"iteration": iteration, **plumbing.iteration_metrics(args, fresh, replayed, batch, stats, processes),
                    "replayed_groups": n_replayed, "buffer_prompts": n_drawn, "buffer_size": len(buffer),
                    "buffer_mean_age": buffer.mean_age(), "buffer_admitted": admitted, **timings}
-        if (iteration + 1) % args.eval_every == 0 or iteration == args.iterations - 1:
+        if ((iteration + 1) % args.eval_every == 0 or iteration == args.iterations - 1) and not plumbing.stopping_now():
             row.update(processes.divergence(trainable))
-            if processes.main:
-                with timed(row, "eval"):
+            if processes.main:  # a second signal cuts the evaluation short, not the checkpoint
+                with plumbing.unless_stopped_now(), timed(row, "eval"):
                     metrics, images, outcomes = evaluate(model, args, sets, mix, eval_sigmas, reward_fn)
                 row.update(metrics)
                 change = toy_world.paired_change(state.baseline["outcomes"], outcomes, mix)
@@ -916,7 +927,7 @@ def main(args: Args) -> list[dict]:
         if stop or (args.checkpoint_every and (iteration + 1) % args.checkpoint_every == 0):
             state.save(iteration + 1)
         if stop:
-            logger.close(plumbing.stop_message(iteration, args.output_dir))
+            logger.close(plumbing.stop_message(iteration + 1, args))
             return state.history
     state.save(args.iterations)  # lets --resume with a higher --iterations train on
     logger.close()
@@ -971,7 +982,8 @@ def check_args(args: Args) -> None:
     if args.toy_prompts is not None and not uses_toy_world(args):
         problems.append("--toy-prompts narrows the toy world's prompts: use it with --model tiny and no --prompt-file")
     try:
-        if any(name.startswith("geneval") for name in parse_reward(args.reward)) and not uses_toy_world(args):
+        toy_reward = any(name.startswith("geneval") for name in parse_reward(args.reward))
+        if toy_reward and not uses_toy_world(args) and not any(p.startswith("--prompt-file") for p in problems):
             problems.append(f"--reward {args.reward} scores the toy world's prompts: use it with --model tiny and no "
                             "--prompt-file")
     except ValueError as error:
@@ -986,6 +998,7 @@ def parse_cli(argv: list[str]) -> Args:
 
 
 if __name__ == "__main__":
+    cli_args = None
     try:
         cli_args = parse_cli(sys.argv[1:])
         check_args(cli_args)
@@ -993,7 +1006,11 @@ if __name__ == "__main__":
         signal.signal(signal.SIGTERM, plumbing.request_stop)
         plumbing.quiet_libraries()
         main(cli_args)
-    except UsageError as error:
-        sys.exit(f"op_grpo.py: error: {error}")
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):  # the run is saved: a late signal changes nothing
+            signal.signal(stop_signal, signal.SIG_IGN)
+    except UsageError as error:  # one line per problem
+        sys.exit("\n".join(f"op_grpo.py: error: {line}" for line in str(error).splitlines()))
+    except KeyboardInterrupt:  # a second signal: stopped at once; say what was kept, no traceback
+        sys.exit(plumbing.stopped_at_once(cli_args and cli_args.output_dir))
     if plumbing.STOP_REQUESTED:
         sys.exit(128 + plumbing.STOP_REQUESTED[0])

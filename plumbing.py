@@ -54,16 +54,18 @@ LIMITS = [
 def check_settings(args, embedded: str) -> list[str]:
     """What is wrong with the settings (presets applied), each naming its flag; embedded: the tiny model's folder."""
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    problems = [f"{flag(f)} must be {rule}, got {getattr(args, f)}"
-                for f, rule, ok in LIMITS if not ok(getattr(args, f))]
+    wrong = [(f, rule) for f, rule, ok in LIMITS if not ok(getattr(args, f))]
+    problems, wrong = [f"{flag(f)} must be {rule}, got {getattr(args, f)}" for f, rule in wrong], {f for f, _ in wrong}
     world, K, n = int(os.environ.get("WORLD_SIZE", "1")), args.num_steps, args.prompts_per_iteration * args.group_size
-    bounds = [("prompts_per_iteration", world, math.inf, f"at least the number of processes ({world})"),
-              ("train_steps", 1, K, f"in [1, --num-steps={K}]"),
-              ("truncate_steps", 0, K - 1, f"in [0, --num-steps={K})"),
-              ("updates_per_batch", 1, n, f"in [1, {n}] (the samples per iteration)")]
-    for f, low, high, rule in bounds:
-        if getattr(args, f) is not None and not low <= getattr(args, f) <= high:
+    bounds = [("prompts_per_iteration", world, math.inf, f"at least the number of processes ({world})", ()),
+              ("train_steps", 1, K, f"in [1, --num-steps={K}]", ("num_steps",)),
+              ("truncate_steps", 0, K - 1, f"in [0, --num-steps={K})", ("num_steps",)),
+              ("updates_per_batch", 1, n, f"in [1, {n}] (the samples per iteration)",
+               ("group_size", "prompts_per_iteration"))]
+    for f, low, high, rule, set_by in bounds:  # only the root error: no bound set by a flag already reported
+        if getattr(args, f) is not None and not low <= getattr(args, f) <= high and not wrong & set(set_by):
             problems.append(f"{flag(f)} must be {rule}, got {getattr(args, f)}")
+            wrong.add(f)
     multiple, largest, why = image_sides(args.pretrained)
     if not multiple <= args.resolution <= largest or args.resolution % multiple:
         problems.append(f"--resolution must be a multiple of {multiple} ({why}), got {args.resolution}")
@@ -153,9 +155,11 @@ def check_folders(args) -> list[str]:
     elif not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         problems.append(f"--output-dir {out} cannot be created ({parent} is not a writable folder)")
     resuming_here = args.resume is not None and same_folder(args.resume, out)
-    if os.path.exists(os.path.join(out, CHECKPOINT)) and not resuming_here and not args.overwrite:
-        problems.append(f"--output-dir {out} already holds a run ({CHECKPOINT}); continue it with --resume {out}, "
-                        "or pass --overwrite, or choose another --output-dir")
+    if (held := run_files(out)) and not resuming_here and not args.overwrite:
+        go_on = (f"continue it with --resume {out}" if os.path.exists(os.path.join(out, CHECKPOINT))
+                 else f"it has no {CHECKPOINT}, so it cannot be resumed")
+        problems.append(f"--output-dir {out} already holds a run ({held}): {go_on}, or pass --overwrite to replace "
+                        "it, or choose another --output-dir")
     if args.resume is None:
         return problems
     if not os.path.isfile(os.path.join(args.resume, CHECKPOINT)):
@@ -163,11 +167,12 @@ def check_folders(args) -> list[str]:
     try:
         with open(os.path.join(args.resume, "args.json")) as f:
             saved = json.load(f)
-        done = torch.load(os.path.join(args.resume, CHECKPOINT), map_location="cpu", weights_only=True, mmap=True)
-        done = done["iteration"]
-    except Exception as error:  # unreadable or truncated files: say which and why, no traceback
-        return problems + [f"--resume {args.resume}: cannot read its args.json and {CHECKPOINT} "
-                           f"({type(error).__name__}: {error})"]
+    except (OSError, ValueError) as error:
+        return problems + [f"--resume {args.resume}: its args.json cannot be read ({type(error).__name__}: {error})"]
+    try:
+        done = read_checkpoint(args.resume, verify=False)["iteration"]
+    except UsageError as error:
+        return problems + [str(error)]
     problems += [f"--{f.replace('_', '-')} {getattr(args, f)} differs from the resumed run's {saved.get(f)}"
                  for f in STRUCTURAL_FLAGS if saved.get(f) != getattr(args, f)]
     if args.iterations <= done:
@@ -175,16 +180,53 @@ def check_folders(args) -> list[str]:
     return problems
 
 
+def run_files(folder: str) -> str:
+    """What of a run a folder holds, as text ('' for none): the checkpoint, the logged iterations, the final weights
+    and picture. args.json alone is not a run: it is written by a start that may not have finished an iteration."""
+    if not os.path.isdir(folder):
+        return ""
+    held = [CHECKPOINT] if os.path.exists(os.path.join(folder, CHECKPOINT)) else []
+    with contextlib.suppress(OSError):
+        with open(os.path.join(folder, "metrics.jsonl")) as f:
+            held += [f"metrics.jsonl with {n} iterations" for n in [sum(1 for line in f if line.strip())] if n]
+    held += [f"{name}/" for name in ("transformer", "lora") if os.path.isdir(os.path.join(folder, name))]
+    held += ["before_after.png"] * os.path.exists(os.path.join(folder, "before_after.png"))
+    return ", ".join(held + (["args.json"] if held and os.path.exists(os.path.join(folder, "args.json")) else []))
+
+
 def from_hub(name: str, load):
-    """Run a from_pretrained call; a missing, gated or unreachable model becomes one UsageError saying what to do."""
+    """Run a from_pretrained call with the libraries' chatter off; a model that is gated, missing or out of reach
+    becomes one UsageError that says which and what to do."""
+    import diffusers
+    import transformers
+
+    levels = diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # "Couldn't connect to the Hub ..." is said once, below
+    transformers.utils.logging.set_verbosity_error()
     try:
         return load()
     except OSError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"cannot load {name} ({reason}). Log in with `hf auth login` (gated models such as SD3.5 "
-                         "also need their license accepted on the Hub page), or download it with `hf download <id>` "
-                         "on a machine with access and point HF_HOME at that cache, or give --pretrained a "
-                         "folder") from None
+        raise UsageError(f"cannot load {name}: {hub_failure(error)}. Fetch it where the Hub can be reached (`hf auth "
+                         f"login`, then `hf download {name}`) and point HF_HOME at that cache, or give --pretrained a "
+                         "local folder") from None
+    finally:
+        diffusers.utils.logging.set_verbosity(levels[0])
+        transformers.utils.logging.set_verbosity(levels[1])
+
+
+def hub_failure(error: BaseException) -> str:
+    """Why a from_pretrained call failed, in a few words, read off the chain of exceptions behind `error`."""
+    chain = [error]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 20:
+        chain.append(cause)
+    names, text = {type(e).__name__ for e in chain}, " ".join(str(e) for e in chain).lower()
+    if "GatedRepoError" in names or "gated repo" in text:
+        return "it is gated: accept its license on its Hub page and log in with `hf auth login`"
+    if "RepositoryNotFoundError" in names or "not a valid model identifier" in text:
+        return "no such model on the Hub (a private one needs `hf auth login`)"
+    if any("Offline" in n or "Connect" in n or "Timeout" in n for n in names) or "not fully cached" in text:
+        return "the Hub cannot be reached from this machine and the model is not in the local cache"
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def read_prompts(path: str) -> list[str]:
@@ -243,12 +285,32 @@ def batch_arithmetic(args, world: int) -> str:
             + (f"; {world} processes, whole groups each" if world > 1 else ""))
 
 
-def prepare_output_dir(args, processes) -> None:
-    """Create --output-dir and write args.json there (rank 0), once the model has loaded."""
+ARGS_HISTORY = "args_history.jsonl"  # in --output-dir: a row per start of the run, with what it changed
+
+
+def prepare_output_dir(args, processes, start: int) -> str:
+    """Create --output-dir and write args.json there (rank 0), once the model has loaded: the settings of this start,
+    which --resume takes as its defaults. Each start also adds a row to args_history.jsonl (the iteration it began at,
+    the flags changed since the start before, every setting), so that a resumed run keeps the record of what each of
+    its parts ran with. -> the changed flags as text, '' when none."""
+    settings, history = asdict(args), []
+    if args.resume:  # a run from before args_history.jsonl: its args.json stands for its first start
+        with open(os.path.join(args.resume, "args.json")) as f:
+            history = [{"iteration": 0, "changed": {}, "args": json.load(f)}]
+        with contextlib.suppress(OSError), open(os.path.join(args.resume, ARGS_HISTORY)) as f:
+            history = [json.loads(line) for line in f if line.strip()]
+    before = history[-1]["args"] if history else {}
+    changed = {k: [before[k], v] for k, v in settings.items() if k in before and before[k] != v
+               and k not in ("resume", "overwrite")}
+    history.append({"iteration": start, "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "changed": changed, "args": settings})
     if processes.main:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
+            json.dump(settings, f, indent=2)
+        with open(os.path.join(args.output_dir, ARGS_HISTORY), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in history)
+    return ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changed.items())
 
 
 class Processes:
@@ -331,6 +393,15 @@ class NonFinitePolicy:
         self.args, self.state, self.processes = args, state, state.processes
         self.in_a_row, self.skipped, self.pristine = 0, None, True
 
+    @property
+    def pristine(self) -> bool:
+        """Nothing changed yet in this iteration; set False where the changes begin (a second signal waits then)."""
+        return not CHANGING[0]
+
+    @pristine.setter
+    def pristine(self, value: bool) -> None:
+        CHANGING[0] = not value
+
     @contextlib.contextmanager
     def iteration(self, iteration: int):
         rng_at_start, self.pristine, self.skipped = self.state.rng_states(), True, None
@@ -354,6 +425,8 @@ class NonFinitePolicy:
             raise
         else:
             self.in_a_row = 0
+        finally:
+            self.pristine = True
 
 
 def save_checkpoint(folder: str, transformer, state: dict) -> None:
@@ -367,20 +440,26 @@ def save_checkpoint(folder: str, transformer, state: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def read_checkpoint(folder: str) -> dict:
-    """The whole checkpoint of a run to resume; a damaged file is a UsageError naming it."""
+def read_checkpoint(folder: str, verify: bool = True) -> dict:
+    """The checkpoint of a run to resume; a damaged or incomplete file is a UsageError saying so plainly. verify=False
+    skips the checksums and maps the file instead of reading it: a quick look, for the checks of the flags."""
     path = os.path.join(folder, CHECKPOINT)
+    damaged = f"--resume {folder}: {path} is damaged ({{}}), so the run cannot go on from it. Resume from a copy of " \
+              "the folder if there is one, or start again in another --output-dir (metrics.jsonl there keeps the " \
+              "iterations logged so far)"
     try:
         with zipfile.ZipFile(path) as archive:  # torch.load does not check the CRC-32s that torch.save writes
-            damaged = archive.testzip()
-        if damaged:
-            raise ValueError(f"its record {damaged} fails its CRC check: the file is damaged")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or corrupted file: say which and why, no traceback
-        raise UsageError(f"--resume {folder}: cannot read {path} ({type(error).__name__}: {error})") from None
-    missing = {"iteration", "trainable", "optimizer", "scheduler", "buffer", "rng", "history", "baseline"} - set(saved)
-    if missing:
-        raise UsageError(f"--resume {folder}: {path} lacks {sorted(missing)}")
+            if verify and (bad := archive.testzip()):
+                raise ValueError(f"its record {bad} fails its checksum")
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=not verify)
+    except zipfile.BadZipFile:
+        raise UsageError(damaged.format("it is not a complete checkpoint: it was cut short or overwritten")) from None
+    except Exception as error:  # a checksum, a record torch cannot read: in our words, no traceback
+        reason = str(error) if isinstance(error, ValueError) and "checksum" in str(error) else "torch cannot read it"
+        raise UsageError(damaged.format(reason)) from None
+    needed = {"iteration", "trainable", "optimizer", "scheduler", "buffer", "rng", "history", "baseline"}
+    if missing := (needed if verify else {"iteration"}) - set(saved):  # a quick look needs only the iteration
+        raise UsageError(damaged.format(f"it lacks {', '.join(sorted(missing))}"))
     return saved
 
 
@@ -399,11 +478,16 @@ class RunState:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def save(self, next_iteration: int, rng_states: dict | None = None) -> None:
-        if self.processes.main:
-            save_checkpoint(self.args.output_dir, self.transformer, {
-                "iteration": next_iteration, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "buffer": self.buffer.state_dict(),
-                "rng": rng_states or self.rng_states(), "history": self.history, "baseline": self.baseline})
+        """Write the checkpoint (rank 0); a second signal meanwhile waits for it (CHANGING)."""
+        changing, CHANGING[0] = CHANGING[0], True
+        try:
+            if self.processes.main:
+                save_checkpoint(self.args.output_dir, self.transformer, {
+                    "iteration": next_iteration, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "buffer": self.buffer.state_dict(),
+                    "rng": rng_states or self.rng_states(), "history": self.history, "baseline": self.baseline})
+        finally:
+            CHANGING[0] = changing
 
     def load(self, saved: dict) -> int:
         """Restore from a checkpoint dict (after the KL reference copy was made: it stays the base model)."""
@@ -516,21 +600,57 @@ class Logger:
 
 
 STOP_REQUESTED: list[int] = []  # signal numbers received; main() checks after every iteration
+CHANGING = [False]  # True while the buffer and weights change or are saved: a second signal then waits for the end
 
 
 def request_stop(signum, frame) -> None:
-    """SIGINT/SIGTERM: the first lets the current iteration finish and a checkpoint be written, after which the
-    process exits with 128 + the signal number (130, 143); a second stops at once, keeping the last checkpoint."""
-    if STOP_REQUESTED:
-        raise KeyboardInterrupt
+    """SIGINT/SIGTERM. The first lets the current iteration finish and write a checkpoint, after which the process exits
+    with 128 + the signal number (130, 143). A second stops at once (KeyboardInterrupt): before the update the
+    iteration's starting state is checkpointed, to be redone on --resume; during the update, which is changing the
+    weights, the stop waits for it to end, then checkpoints without evaluating (stopped_at_once says what was kept)."""
     STOP_REQUESTED.append(signum)
-    print(f"\n{signal.Signals(signum).name}: finishing this iteration and writing a checkpoint (send it again to stop "
-          "now)", file=sys.stderr, flush=True)
+    name = signal.Signals(signum).name
+    if len(STOP_REQUESTED) == 1:
+        tqdm.write(f"{name}: finishing this iteration and writing a checkpoint (send it again to stop now)",
+                   file=sys.stderr)
+    elif CHANGING[0]:
+        tqdm.write(f"{name} again: the weights are being updated or saved; stopping as soon as that is done "
+                   "(seconds), with a checkpoint and no evaluation", file=sys.stderr)
+    else:
+        raise KeyboardInterrupt
 
 
-def stop_message(iteration: int, output_dir: str) -> str:
+def stopping_now() -> bool:
+    """A second signal came: skip what can wait (an evaluation) and checkpoint."""
+    return len(STOP_REQUESTED) > 1
+
+
+@contextlib.contextmanager
+def unless_stopped_now():
+    """Run the block (an evaluation) unless a second signal cuts it short; the run then goes on to its checkpoint."""
+    with contextlib.suppress(KeyboardInterrupt):
+        yield
+
+
+def stop_message(done: int, args) -> str:
     name = signal.Signals(STOP_REQUESTED[0]).name if STOP_REQUESTED else "a signal on another process"
-    return f"stopped by {name} after iteration {iteration}; continue with: python op_grpo.py --resume {output_dir}"
+    return (f"stopped by {name} with {done} of {args.iterations} iterations done; continue with: python op_grpo.py "
+            f"--resume {args.output_dir} (--iterations is the run's total: add --iterations N to go past "
+            f"{args.iterations})")
+
+
+def stopped_at_once(output_dir: str | None) -> int:
+    """After a second signal stopped the run at once: say what it left, plainly, and return the exit status."""
+    name = signal.Signals(STOP_REQUESTED[-1]).name if STOP_REQUESTED else "SIGINT"
+    try:
+        done = read_checkpoint(output_dir or "", verify=False)["iteration"]
+        kept = (f"its checkpoint holds {done} finished iterations; continue with: python op_grpo.py --resume "
+                f"{output_dir}")
+    except UsageError:
+        kept = ("nothing was saved: it stopped before its first checkpoint"
+                + (f" ({output_dir} holds {held})" if (held := run_files(output_dir)) else ""))
+    print(f"\nstopped at once by {'a second ' * (len(STOP_REQUESTED) > 1)}{name}: {kept}", file=sys.stderr)
+    return 128 + (STOP_REQUESTED[0] if STOP_REQUESTED else signal.SIGINT)
 
 
 def quiet_libraries() -> None:
@@ -578,15 +698,17 @@ def grid_images(images: dict, sets: dict) -> list[torch.Tensor]:
     return [torch.from_numpy(np.array(images[next(iter(sets))][i])) for i, _ in grid_picks(sets)]
 
 
-def before_after_grid(prompts, before, after, path, score=None, columns=8):
+def before_after_grid(prompts, before, after, path, score=None, columns=8, title=()):
     """Cells of the image before training above the one after (rows labelled on the left), the prompt and (toy
-    world) both strict scores underneath; score(prompt, image) -> 0/1."""
-    side, cell_w, gap, margin = 128, 150, 4, 44
+    world) both strict scores underneath; score(prompt, image) -> 0/1. `title`: lines written above the grid."""
+    side, cell_w, gap, margin, top = 128, 150, 4, 44, 8 + 14 * len(title) if title else 0
     cell_h, rows = 2 * side + gap + 40, math.ceil(len(prompts) / columns)
-    grid = Image.new("RGB", (margin + cell_w * columns, cell_h * rows), "white")
+    grid = Image.new("RGB", (margin + cell_w * columns, top + cell_h * rows), "white")
     draw = ImageDraw.Draw(grid)
+    for n, text in enumerate(title):
+        draw.text((4, 4 + 14 * n), text, fill="black")
     for i, prompt in enumerate(prompts):
-        x, y = margin + (i % columns) * cell_w, (i // columns) * cell_h
+        x, y = margin + (i % columns) * cell_w, top + (i // columns) * cell_h
         for row, (label, image) in enumerate((("before", before[i]), ("after", after[i]))):
             resample = Image.NEAREST if image.width <= side else Image.LANCZOS  # tiny images are shown as blocks
             grid.paste(image.resize((side, side), resample), (x + (cell_w - side) // 2, y + row * (side + gap)))
@@ -597,6 +719,18 @@ def before_after_grid(prompts, before, after, path, score=None, columns=8):
         for n, text in enumerate(lines):
             draw.text((x + 3, y + 2 * side + gap + 2 + 11 * n), text, fill="black")
     grid.save(path)
+
+
+def grid_title(before: dict, after: dict, sets: dict, scored: bool) -> list[str]:
+    """The before/after picture's title: what the numbers under the images are, and the run's overall change."""
+    change = f"{before['eval_reward']:.3f} -> {after['eval_reward']:.3f} (change {after['eval_change']:+.3f} +- " \
+             f"{after['eval_change_se']:.3f}, paired SE), over {', '.join(sets)}"
+    if not scored:
+        return [f"Before and after training, the same prompts and noise. Mean reward {change}"]
+    return ["Before and after training, the same prompts and noise. Under each image, the strict toy-GenEval "
+            "verifier: 1 = the image shows what its prompt asks, 0 = it does not.",
+            f"Strict accuracy of the whole evaluation {change}; {len(next(iter(sets.values())))} "
+            f"{next(iter(sets))} prompts, 16 shown."]
 
 
 def report_results(args, state, sets: dict, images: dict, logger, score, save_weights) -> None:
@@ -610,7 +744,8 @@ def report_results(args, state, sets: dict, images: dict, logger, score, save_we
         print(f"  {key:28s} {before[key]:.3f} -> {final[key]:.3f}")
     picks, grid_path = grid_picks(sets), os.path.join(args.output_dir, "before_after.png")
     before_after_grid([p for _, p in picks], [Image.fromarray(t.numpy()) for t in state.baseline["grid"]],
-                      [images[next(iter(sets))][i] for i, _ in picks], grid_path, score)
+                      [images[next(iter(sets))][i] for i, _ in picks], grid_path, score,
+                      title=grid_title(before, final, sets, score is not None))
     weights = "lora" if args.lora_rank else "transformer"
     save_weights(os.path.join(args.output_dir, weights))
     logger.finish(grid_path)

@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -154,6 +153,40 @@ def test_gaussian_kl_matches_torch_distributions():
         torch.distributions.Normal(mean, std.expand_as(mean)), torch.distributions.Normal(mean_ref, std.expand_as(mean))
     ).mean(dim=(1, 2, 3))
     torch.testing.assert_close(gaussian_kl(mean, mean_ref, std), expected)
+
+
+def test_sd3_kl_matches_flow_grpo_recipe():
+    """On the same tensors, the sd3 preset's KL penalty is Flow-GRPO's: the mean over dimensions of
+    |mu - mu_ref|^2 / (2 s_sigma^2) times its beta 0.01, at every step of SD3.5's 10-step schedule (shift 3)."""
+    args = op_grpo.with_presets(Args(model="sd3"))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(10)
+    sigmas, g = scheduler.sigmas, torch.Generator().manual_seed(0)
+    for k in range(10):
+        x, v, v_ref = (torch.randn(2, 16, 8, 8, generator=g) for _ in range(3))
+        _, _, mean, std_dev = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], args.noise_level)
+        _, _, mean_ref, _ = sde_step_with_logprob(v_ref, x, sigmas[k], sigmas[k + 1], args.noise_level)
+        kl, dt = gaussian_kl(mean, mean_ref, std_dev), (sigmas[k + 1] - sigmas[k]).item()
+        ours = args.kl_beta * op_grpo.kl_penalty(kl, dt, args.kl_form)
+        # Flow-GRPO's std_dev_t: s_sigma = a sqrt(sigma / (1 - sigma)), sigma_1 in the denominator at sigma = 1
+        sigma = sigmas[k].item()
+        s_sigma = 0.7 * math.sqrt(sigma / (1 - (sigmas[1].item() if sigma == 1 else sigma)))
+        theirs = 0.01 * ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * s_sigma**2)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
+        torch.testing.assert_close(op_grpo.kl_penalty(kl, dt, "exact"), kl, rtol=0, atol=0)  # the exact KL kept
+    assert op_grpo.with_presets(Args()).kl_form == "exact"
+
+
+def test_sd3_presets_match_flow_grpo_pickscore_config():
+    """Flow-GRPO's config/grpo.py (pickscore_sd3 over base.get_config), transcribed: what the sd3 preset shares with
+    it. What differs (batch, advantage std, EMA, weight decay, warm-up, fp16) is listed in the README's preset table."""
+    flow_grpo = dict(num_steps=10, eval_steps=40, guidance_scale=4.5, resolution=512, noise_level=0.7,
+                     learning_rate=3e-4, clip_range=1e-4, adv_clip=5.0, kl_beta=0.01, kl_form="flow_grpo",
+                     max_grad_norm=1.0, lora_rank=32, lora_alpha=64, updates_per_batch=2, train_steps=9)
+    sd3 = op_grpo.with_presets(Args(model="sd3"))
+    ours = {k: getattr(sd3, k) for k in flow_grpo}
+    ours.update(lora_alpha=sd3.lora_alpha or 2 * sd3.lora_rank, train_steps=sd3.train_steps or sd3.num_steps - 1)
+    assert ours == flow_grpo  # train_steps: int(timestep_fraction 0.99 x 10); 2 updates: accumulation over half
 
 
 def test_group_advantages_closed_form():
@@ -398,19 +431,30 @@ def test_cli_parses_the_documented_flags():
         (["--lora-rank", "-1"], "--lora-rank"),
         (["--micro-batch", "-2"], "--micro-batch"),
         (["--failed-weight", "0"], "--failed-weight"),
+        (["--group-size", "0"], "--group-size"),  # and not also --updates-per-batch, whose bound it sets
+        (["--prompts-per-iteration", "0"], "--prompts-per-iteration"),
+        (["--num-steps", "0"], "--num-steps"),  # and not also --truncate-steps
+        (["--prompt-file", "/nonexistent/prompts.txt", "--reward", "geneval"], "--prompt-file"),  # not --reward too
     ],
 )
-def test_impossible_settings_are_rejected_with_the_flag_named(flags, flag_named):
-    with pytest.raises(ValueError, match=flag_named):
+def test_impossible_settings_are_rejected_with_the_flag_named_and_only_the_root_error(flags, flag_named):
+    with pytest.raises(ValueError, match=flag_named) as error:
         check_args(tyro.cli(Args, args=flags))
+    assert len(str(error.value).splitlines()) == 1, str(error.value)
 
 
 def test_bad_flag_exits_with_one_line_and_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(HERE, "op_grpo.py"), "--group-size", "1", "--output-dir", str(tmp_path / "run")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "--group-size" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == ["op_grpo.py: error: --group-size must be at least 2 (advantages compare "
+                                          "images within a group), got 1"]
     assert not (tmp_path / "run").exists()  # rejected before anything was loaded or written
+    # two independent mistakes: a line each, each a whole error
+    result = subprocess.run([sys.executable, os.path.join(HERE, "op_grpo.py"), "--group-size", "1", "--kl-beta", "-1"],
+                            capture_output=True, text=True, timeout=120)
+    assert [line.split(" must ")[0] for line in result.stderr.splitlines()] == ["op_grpo.py: error: --group-size",
+                                                                               "op_grpo.py: error: --kl-beta"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -627,8 +671,8 @@ def test_same_seed_same_metrics_and_two_plus_resume_plus_two_equals_four(tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_an_interrupted_run_leaves_a_checkpoint_that_resumes_and_exits_128_plus_the_signal(tmp_path, signum, code):
+@pytest.mark.parametrize("signum, code, times", [(signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 1), (signal.SIGINT, 130, 2)])
+def test_an_interrupted_run_leaves_a_checkpoint_that_resumes_and_exits_128_plus_the_signal(tmp_path, signum, code, times):
     folder = tmp_path / "run"
     command = [sys.executable, os.path.join(HERE, "op_grpo.py"), "--iterations", "100", "--prompts-per-iteration", "4",
                "--group-size", "2", "--eval-per-family", "1", "--eval-every", "100", "--checkpoint-every", "0",
@@ -639,16 +683,22 @@ def test_an_interrupted_run_leaves_a_checkpoint_that_resumes_and_exits_128_plus_
         if log.exists() and log.read_text().count("\n") >= 1:
             break
         time.sleep(0.1)
-    process.send_signal(signum)
+    for _ in range(times):  # a second Ctrl-C: stop now, whatever the iteration is doing, and still keep the run
+        process.send_signal(signum)
+        time.sleep(0.3)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr  # a scheduler can tell an interrupted run from a finished one
-    assert "Traceback" not in stderr
-    # the resume hint is a line of its own, not written onto the progress bar's line
-    hint = [line for line in stderr.replace("\r", "\n").splitlines() if "--resume" in line]
-    assert hint and hint[-1].startswith(f"stopped by {signal.Signals(signum).name} after iteration")
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     saved = torch.load(folder / plumbing.CHECKPOINT, weights_only=True)
     done = saved["iteration"]
     assert 1 <= done < 100 and len(saved["history"]) == done
+    # the resume hint is a line of its own, not written onto the progress bar's line
+    hint = [line for line in stderr.replace("\r", "\n").splitlines() if "--resume" in line]
+    name = signal.Signals(signum).name
+    assert hint and hint[-1].startswith((f"stopped by {name} with {done} of 100 iterations done; continue with: "
+                                         f"python op_grpo.py --resume {folder} (--iterations is the run's total",
+                                         f"stopped at once by a second {name}: its checkpoint holds {done} finished"))
+    assert hint[-1].startswith("stopped by") or times == 2
     if signum == signal.SIGINT:
         rows = op_grpo.main(op_grpo.parse_cli(["--resume", str(folder), "--iterations", str(done + 1)]))
         assert len(rows) == done + 1 and "eval_reward" in rows[-1]
@@ -686,9 +736,35 @@ def test_a_damaged_checkpoint_is_named_before_anything_is_loaded_or_rewritten(tm
     path.write_bytes(bytes(data))
     settings = (tmp_path / "run" / "args.json").read_text()
     monkeypatch.setattr(op_grpo, "load_pipeline", lambda *a: pytest.fail("the model was loaded"))
-    with pytest.raises(plumbing.UsageError, match=r"--resume .*checkpoint\.pt"):
+    with pytest.raises(plumbing.UsageError, match=r"--resume .*checkpoint\.pt is damaged \(its record .* fails its "
+                                                  r"checksum\), so the run cannot go on from it") as error:
         op_grpo.main(op_grpo.parse_cli(["--resume", str(tmp_path / "run"), "--iterations", "2"]))
+    assert "another --output-dir" in str(error.value) and len(str(error.value).splitlines()) == 1
     assert (tmp_path / "run" / "args.json").read_text() == settings
+    # cut short (a full disk, a copy in progress): said in plain words, not in torch's
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    for check in (lambda: check_args(op_grpo.parse_cli(["--resume", str(tmp_path / "run"), "--iterations", "2"])),
+                  lambda: plumbing.read_checkpoint(str(tmp_path / "run"))):
+        with pytest.raises(plumbing.UsageError, match="is damaged \\(it is not a complete checkpoint: it was cut short") as error:
+            check()
+        assert "mmap" not in str(error.value) and "torch.save" not in str(error.value)
+
+
+def test_hub_failures_are_told_apart_in_plain_words():
+    def chain(*names):  # an OSError raised from a chain of exceptions with these class names, innermost last
+        error = None
+        for name in reversed(names):
+            try:
+                raise type(name, (OSError,), {})("details") from error
+            except OSError as raised:
+                error = raised
+        return error
+
+    assert plumbing.hub_failure(chain("OSError", "GatedRepoError")).startswith("it is gated: accept its license")
+    assert plumbing.hub_failure(chain("OSError", "RepositoryNotFoundError")).startswith("no such model on the Hub")
+    assert plumbing.hub_failure(chain("OSError", "ConnectError", "gaierror")).startswith("the Hub cannot be reached")
+    assert plumbing.hub_failure(chain("OSError", "OfflineModeIsEnabled")).startswith("the Hub cannot be reached")
+    assert plumbing.hub_failure(OSError("disk full\nmore")) == "disk full"
 
 
 def test_bad_paths_and_devices_are_named_before_loading(tmp_path):
@@ -713,17 +789,31 @@ def test_bad_paths_and_devices_are_named_before_loading(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_start_up_line_and_before_after_grid_labels():
+def test_start_up_line_and_before_after_grid_labels_and_title(tmp_path):
     line = plumbing.batch_arithmetic(op_grpo.with_presets(Args(off_policy_fraction=0.125)), 1)
     assert "1 replayed group on average" in line and "2 updates of 32 samples" in line
     assert "no replay (on-policy Flow-GRPO)" in plumbing.batch_arithmetic(op_grpo.with_presets(Args(off_policy_fraction=0)), 1)
     white, red = Image.new("RGB", (32, 32), "white"), Image.new("RGB", (32, 32), "red")
-    path = os.path.join(tempfile.mkdtemp(), "grid.png")
+    path = str(tmp_path / "grid.png")
     plumbing.before_after_grid(["a red circle"] * 2, [white] * 2, [red] * 2, path, columns=2)
     grid = np.array(Image.open(path).convert("L"))
     margin = grid[:, :40]  # the row labels "before" and "after" are drawn left of the images
     rows_with_text = np.flatnonzero((margin < 128).any(axis=1))
     assert len(rows_with_text) and rows_with_text.min() < 128 < rows_with_text.max() < 2 * 128 + 4
+    # the title says what the numbers under the images are, and the run's overall change
+    before = {"eval_reward": 0.386}
+    after = {"eval_reward": 0.419, "eval_change": 0.033, "eval_change_se": 0.02}
+    sets = {"held_out": ["a red circle"] * 384, "train": ["a red circle"] * 384}
+    title = plumbing.grid_title(before, after, sets, scored=True)
+    assert "strict toy-GenEval verifier: 1 = the image shows what its prompt asks, 0 = it does not" in title[0]
+    assert "0.386 -> 0.419 (change +0.033 +- 0.020, paired SE), over held_out, train" in title[1]
+    assert "384 held_out prompts, 16 shown" in title[1]
+    assert plumbing.grid_title(before, after, sets, scored=False)[0].endswith("Mean reward 0.386 -> 0.419 (change "
+                                                                            "+0.033 +- 0.020, paired SE), over held_out, train")
+    plumbing.before_after_grid(["a red circle"] * 2, [white] * 2, [red] * 2, path, columns=2, title=title)
+    titled = np.array(Image.open(path).convert("L"))
+    assert titled.shape[0] == grid.shape[0] + 8 + 14 * 2 and (titled[:30] < 128).any()  # text above the grid
+    np.testing.assert_array_equal(titled[8 + 14 * 2 :], grid)  # and the cells as before, below it
 
 
 def nan_on_call(function, call_to_break, when=lambda *a, **k: True):
@@ -805,6 +895,77 @@ def test_runs_and_resumes_that_would_lose_work_are_rejected_before_loading(tmp_p
             check_args(Args(prompts_per_iteration=4))
     check_args(Args(output_dir=str(tmp_path), overwrite=True))
     check_args(Args(output_dir=str(tmp_path), resume=str(tmp_path), iterations=6))
+
+
+def test_a_folder_with_a_run_but_no_checkpoint_is_not_replaced_silently(tmp_path):
+    (tmp_path / "args.json").write_text("{}")  # what a start leaves before its first iteration: not a run
+    check_args(Args(output_dir=str(tmp_path)))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i}) + "\n" for i in range(3)))
+    with pytest.raises(ValueError, match=r"--output-dir .* already holds a run \(metrics.jsonl with 3 iterations, "
+                                         r"args.json\): it has no checkpoint.pt, so it cannot be resumed, or pass "
+                                         r"--overwrite to replace it, or choose another --output-dir"):
+        check_args(Args(output_dir=str(tmp_path)))
+    check_args(Args(output_dir=str(tmp_path), overwrite=True))
+
+
+def test_a_resume_with_changed_flags_says_them_and_keeps_what_each_start_ran_with(tmp_path, capsys):
+    op_grpo.main(short_run(tmp_path, "run", iterations=2))
+    capsys.readouterr()
+    op_grpo.main(op_grpo.parse_cli(["--resume", str(tmp_path / "run"), "--iterations", "3", "--group-size", "2"]))
+    assert "changed since its last start: --iterations 2 -> 3, --group-size 4 -> 2" in capsys.readouterr().out
+    starts = [json.loads(line) for line in (tmp_path / "run" / plumbing.ARGS_HISTORY).read_text().splitlines()]
+    assert [s["iteration"] for s in starts] == [0, 2]
+    assert starts[0]["args"]["group_size"] == 4 and starts[0]["changed"] == {}
+    assert starts[1]["args"]["group_size"] == 2 and starts[1]["changed"] == {"iterations": [2, 3], "group_size": [4, 2]}
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["group_size"] == 2  # the defaults of a next resume
+    # a run written before the history existed: its args.json stands for the first start
+    (tmp_path / "run" / plumbing.ARGS_HISTORY).unlink()
+    op_grpo.main(op_grpo.parse_cli(["--resume", str(tmp_path / "run"), "--iterations", "4"]))
+    starts = [json.loads(line) for line in (tmp_path / "run" / plumbing.ARGS_HISTORY).read_text().splitlines()]
+    assert [(s["iteration"], s["changed"]) for s in starts] == [(0, {}), (3, {"iterations": [3, 4]})]
+
+
+def stop_signals_on_call(monkeypatch, name, signals=2):
+    """op_grpo.<name> receives `signals` SIGINTs as it starts (the first time), as if the user pressed Ctrl-C."""
+    function, calls = getattr(op_grpo, name), []
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            for _ in range(signals):
+                plumbing.request_stop(signal.SIGINT, None)
+        return function(*a, **k)
+
+    monkeypatch.setattr(op_grpo, name, wrapped)
+
+
+def test_a_second_signal_before_the_update_checkpoints_the_iterations_start_and_it_is_redone(tmp_path, monkeypatch,
+                                                                                             capsys):
+    straight = op_grpo.main(short_run(tmp_path, "straight"))
+    op_grpo.main(short_run(tmp_path, "run", iterations=2))
+    stop_signals_on_call(monkeypatch, "rescore_replayed")  # iteration 2, in its rollouts: nothing changed yet
+    with pytest.raises(KeyboardInterrupt):
+        op_grpo.main(op_grpo.parse_cli(["--resume", str(tmp_path / "run"), "--iterations", "4"]))
+    assert plumbing.stopped_at_once(str(tmp_path / "run")) == 130
+    assert (f"stopped at once by a second SIGINT: its checkpoint holds 2 finished iterations; continue with: python "
+            f"op_grpo.py --resume {tmp_path / 'run'}") in capsys.readouterr().err
+    assert torch.load(tmp_path / "run" / plumbing.CHECKPOINT, weights_only=True)["iteration"] == 2
+    monkeypatch.undo()
+    resumed = op_grpo.main(op_grpo.parse_cli(["--resume", str(tmp_path / "run"), "--iterations", "4"]))
+    assert without_timings(resumed) == without_timings(straight)  # the interrupted iteration, redone exactly
+
+
+def test_a_second_signal_during_the_update_waits_for_it_then_checkpoints_without_evaluating(tmp_path, monkeypatch,
+                                                                                          capsys):
+    stop_signals_on_call(monkeypatch, "update_pass")  # iteration 0, the weights half-changed
+    rows = op_grpo.main(short_run(tmp_path, "run", eval_every=1))
+    assert len(rows) == 1 and "loss" in rows[0] and "time/eval" not in rows[0]  # finished, not evaluated
+    assert "SIGINT again: the weights are being updated or saved" in capsys.readouterr().err
+    saved = torch.load(tmp_path / "run" / plumbing.CHECKPOINT, weights_only=True)
+    assert saved["iteration"] == 1 and len(saved["history"]) == 1
+    plumbing.STOP_REQUESTED.clear()  # stopped at once before any checkpoint: said plainly
+    assert plumbing.stopped_at_once(str(tmp_path / "nowhere")) == 130
+    assert "nothing was saved: it stopped before its first checkpoint" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -935,10 +1096,11 @@ def test_a_model_that_cannot_be_fetched_gives_one_line_saying_what_to_do(tmp_pat
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_cache")}
     result = subprocess.run([sys.executable, os.path.join(HERE, "op_grpo.py"), "--model", "sd3", "--output-dir", str(tmp_path / "run")],
                             capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    message = [line for line in result.stderr.splitlines() if line.startswith("op_grpo.py: error:")]
-    assert len(message) == 1 and "stabilityai/stable-diffusion-3.5-medium" in message[0]
-    assert "hf auth login" in message[0] and "--pretrained" in message[0]
+    assert result.returncode != 0
+    message = [line for line in result.stderr.splitlines() if line.strip()]  # no library chatter, no traceback
+    assert len(message) == 1 and message[0].startswith("op_grpo.py: error: cannot load stabilityai/stable-diffusion-3.5-medium")
+    assert "the Hub cannot be reached from this machine and the model is not in the local cache" in message[0]
+    assert "hf auth login" in message[0] and "--pretrained" in message[0] and "stacktrace" not in message[0]
     assert not (tmp_path / "run").exists()  # a start that failed leaves no output folder behind
 
 
@@ -948,9 +1110,9 @@ def test_a_model_that_cannot_be_fetched_gives_one_line_saying_what_to_do(tmp_pat
 def test_two_processes_reproduce_one_and_keep_identical_weights(tmp_path):
     flags = ["--iterations", "3", "--prompts-per-iteration", "4", "--group-size", "2", "--off-policy-fraction", "0.5",
              "--eval-every", "3", "--eval-per-family", "2", "--checkpoint-every", "0", "--threads", "1"]
-    script = os.path.join(HERE, "op_grpo.py")
+    script, env = os.path.join(HERE, "op_grpo.py"), {**os.environ, "TMPDIR": str(tmp_path)}  # torchrun's temp folders
     for name, launcher in (("one", [sys.executable]), ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
-        result = subprocess.run([*launcher, script, *flags, "--output-dir", str(tmp_path / name)], capture_output=True, text=True, timeout=600)
+        result = subprocess.run([*launcher, script, *flags, "--output-dir", str(tmp_path / name)], capture_output=True, text=True, timeout=600, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         if name == "one":  # the console: no library noise, no "eval=nan", and a closing line saying where results are
             console = result.stdout + result.stderr
