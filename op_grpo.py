@@ -105,6 +105,12 @@ class Args:
     """K: SDE denoising steps per trajectory (Flow-GRPO: 10 for training)"""
     noise_level: float = 0.7
     """a: SDE noise scale (Flow-GRPO: 0.7)"""
+    sde_window: int = 0
+    """L: only a window of L consecutive steps is stochastic, trained and replayed, ODE elsewhere (Flow-GRPO-Fast,
+    MixGRPO; Flow-GRPO-Fast's SD3: 3); 0 = every step stochastic (Flow-GRPO)"""
+    sde_window_range: tuple[int, int] | None = None
+    """[lo, hi): each iteration the window starts at a step drawn uniformly so that it lies inside (None = (0, K // 2),
+    Flow-GRPO-Fast's)"""
     guidance_scale: float | None = None
     """classifier-free guidance in rollouts, update and evaluation; 1 = none (tiny: 1; sd3: 4.5 as Flow-GRPO)"""
 
@@ -604,8 +610,9 @@ def step_log_prob(transformer, x, x_next, k, cond, model: Model, args: Args, whe
 def sample_trajectories(model: Model, start, sigmas, first_step, prompts, noise_level, guidance_scale, micro_batch=0,
                         generator=None, rows=None):
     """Run the sampler from latents `start` (B, C, H, W) at sigmas[first_step] down to sigma = 0, micro_batch
-    samples per transformer pass (0 = all). -> latents (B, K - first_step + 1, C, H, W) including `start`, log_probs
-    (B, K - first_step), NaN for the ODE (noise_level 0), which draws no noise. rows = (index, total): `start` is
+    samples per transformer pass (0 = all); noise_level is a float or a list, one per step k (an SDE window).
+    -> latents (B, K - first_step + 1, C, H, W) including `start`, log_probs (B, K - first_step), NaN for ODE steps
+    (noise level 0), which draw no noise. rows = (index, total): `start` is
     rows `index` of a batch of `total`; each SDE step draws the whole batch's noise and keeps those rows, so that a
     trajectory's noise depends neither on how the batch is dealt out to processes nor on micro_batch.
     """
@@ -616,11 +623,11 @@ def sample_trajectories(model: Model, start, sigmas, first_step, prompts, noise_
         v = torch.cat([predict_velocity(model.transformer, x[c], sigmas[k], embeds[c], pooled[c], guidance_scale,
                                         model.uncond) for c in chunks])
         require_finite("velocity", v, f"while sampling step {k}")
-        noise = None
-        if noise_level > 0:
+        level, noise = noise_level[k] if isinstance(noise_level, list) else noise_level, None
+        if level > 0:
             noise = torch.randn((total, *x.shape[1:]), generator=generator, device=x.device)[index]
-        x, log_prob, _, _ = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], noise_level, noise=noise)
-        if noise_level > 0:
+        x, log_prob, _, _ = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], level, noise=noise)
+        if level > 0:
             require_finite("log-prob", log_prob, f"while sampling step {k}")
         latents.append(x)
         log_probs.append(log_prob)
@@ -669,46 +676,71 @@ def choose_prompts(args: Args, buffer: ReplayBuffer, draw_prompts, rng: random.R
     return replayed + draw_prompts(args.prompts_per_iteration - len(replayed)), len(replayed)
 
 
-def rollout(model: Model, args: Args, slot_prompts: list[str], n_replayed: int, slots: list[int], generator) -> dict:
+def sde_window(args: Args, rng: random.Random) -> tuple[int, int]:
+    """Stage 1 (Flow-GRPO-Fast): this iteration's SDE window, steps [start, end); its start is drawn uniformly so that
+    the window lies in --sde-window-range. Without a window, every step: (0, K), and no random number is drawn."""
+    if not args.sde_window:
+        return 0, args.num_steps
+    low, high = args.sde_window_range or (0, args.num_steps // 2)
+    start = rng.randint(low, high - args.sde_window)
+    return start, start + args.sde_window
+
+
+def rollout(model: Model, args: Args, slot_prompts: list[str], n_replayed: int, slots: list[int], generator,
+            window: tuple[int, int]) -> dict:
     """Stage 2: this process's fresh trajectories, sampled with the SDE, G - 1 for a replayed slot and G for a fresh
-    one; their log-probs are recorded on the way (p_old now, p_off if one is ever replayed).
-    -> prompts (N,), latents (N, K + 1, C, H, W), log_probs (N, K), images (N PIL images)."""
+    one; their log-probs are recorded on the way (p_old now, p_off if one is ever replayed). Steps outside the SDE
+    window are ODE steps, with NaN log-probs. -> prompts (N,), latents (N, K + 1, C, H, W), log_probs (N, K), images"""
     sizes = [args.group_size - (slot < n_replayed) for slot in range(len(slot_prompts))]
     first = np.cumsum([0] + sizes)  # each slot's first row among the fresh trajectories of all processes
     rows = torch.tensor([r for s in slots for r in range(first[s], first[s + 1])], device=model.device)
     prompts = [slot_prompts[s] for s in slots for _ in range(sizes[s])]
     noise = torch.randn((int(first[-1]), *model.shape), generator=generator, device=model.device)[rows]
-    latents, log_probs = sample_trajectories(model, noise, model.sigmas, 0, prompts, args.noise_level,
-                                             args.guidance_scale, args.micro_batch, generator, (rows, int(first[-1])))
+    levels = [args.noise_level if window[0] <= k < window[1] else 0.0 for k in range(args.num_steps)]
+    latents, log_probs = sample_trajectories(model, noise, model.sigmas, 0, prompts, levels, args.guidance_scale,
+                                             args.micro_batch, generator, (rows, int(first[-1])))
     images = decode(model.pipe, latents[:, -1], args.micro_batch)
     return {"prompts": prompts, "latents": latents, "log_probs": log_probs, "images": images}
 
 
 @torch.no_grad()
 def rescore_replayed(model: Model, args: Args, buffer: ReplayBuffer, prompts: list[str]) -> dict:
-    """Stage 3 (Eq. 10's numerator): the replayed prompts' stored trajectories and log p_old of each step, one pass
-    of the current weights per step. The kept steps give the weight; the truncated ones only the logged cliff
-    (paper Fig. 2). -> prompts, latents (R, K + 1, C, H, W), log_prob_old, log_prob_behavior (R, K), rewards (R,)"""
+    """Stage 3 (Eq. 10's numerator): the replayed prompts' stored trajectories and log p_old of each of their
+    stochastic steps (their own SDE window, which need not be this iteration's; NaN at ODE steps), one pass of the
+    current weights per step. The kept steps give the weight; the truncated ones only the logged cliff (paper
+    Fig. 2). -> prompts, latents (R, K + 1, C, H, W), log_prob_old, log_prob_behavior (R, K), rewards (R,)"""
     latents, log_prob_behavior, rewards = buffer.trajectories(prompts, model.device)
-    cond = model.condition(prompts)
-    log_prob_old = torch.stack([step_log_prob(model.transformer, latents[:, k], latents[:, k + 1], k, cond, model, args,
-                                              f"in log p_old of a replayed trajectory at step {k}")[0]
-                                for k in range(args.num_steps)], dim=1)
+    (embeds, pooled), log_prob_old = model.condition(prompts), torch.full_like(log_prob_behavior, float("nan"))
+    for k in range(args.num_steps):
+        rows = torch.isfinite(log_prob_behavior[:, k]).nonzero().flatten()  # the trajectories stochastic at step k
+        if len(rows):
+            log_prob_old[rows, k] = step_log_prob(model.transformer, latents[rows, k], latents[rows, k + 1], k,
+                                                  (embeds[rows], pooled[rows]), model, args,
+                                                  f"in log p_old of a replayed trajectory at step {k}")[0]
     return dict(prompts=prompts, latents=latents, log_prob_old=log_prob_old, log_prob_behavior=log_prob_behavior,
                 rewards=rewards)
 
 
 @torch.no_grad()
 def regenerate_tail(model: Model, args: Args, replayed: dict, reward_fn) -> None:
-    """Stage 4 (Eqs. 12-13): keep a replayed trajectory up to z_{t_off}, regenerate its last truncate_steps with the
-    current policy's deterministic ODE and re-score the new image (paper: silent on re-scoring; we do, so that the
-    reward belongs to the trajectory trained on). Updates `replayed` in place."""
-    start = args.num_steps - args.truncate_steps
-    tail, _ = sample_trajectories(model, replayed["latents"][:, start], model.sigmas, start, replayed["prompts"], 0.0,
-                                  args.guidance_scale, args.micro_batch)
-    replayed["latents"] = torch.cat([replayed["latents"][:, :start], tail], dim=1)
-    images = decode(model.pipe, replayed["latents"][:, -1], args.micro_batch)
-    replayed["rewards"] = compute_rewards(reward_fn, args.reward, images, replayed["prompts"])
+    """Stage 4 (Eqs. 12-13): keep a replayed trajectory up to z_{t_off}, regenerate the rest with the current policy's
+    deterministic ODE and re-score the new image (paper: silent on re-scoring; we do, so that the reward belongs to
+    the trajectory trained on). With an SDE window (paper: silent) everything after the stored window's kept steps
+    is regenerated: the steps after a window were the old policy's ODE, with no density to weight. t_off = K -
+    truncate_steps; each trajectory restarts at min(end of its window, t_off). Updates `replayed` in place."""
+    K, stochastic = args.num_steps, torch.isfinite(replayed["log_prob_behavior"])  # (R, K)
+    window_end = K - stochastic.flip(1).int().argmax(dim=1)  # 1 + each trajectory's last stochastic step
+    restart = window_end.clamp(max=K - args.truncate_steps)  # (R,)
+    for start in sorted(set(restart[restart < K].tolist())):  # all at t_off without a window: one batch
+        rows = (restart == start).nonzero().flatten()
+        tail, _ = sample_trajectories(model, replayed["latents"][rows, start], model.sigmas, start,
+                                      [replayed["prompts"][r] for r in rows], 0.0, args.guidance_scale,
+                                      args.micro_batch)
+        replayed["latents"][rows, start:] = tail
+    if (rows := (restart < K).nonzero().flatten()).numel():
+        prompts = [replayed["prompts"][r] for r in rows]
+        images = decode(model.pipe, replayed["latents"][rows, -1], args.micro_batch)
+        replayed["rewards"][rows] = compute_rewards(reward_fn, args.reward, images, prompts)
 
 
 def hybrid_groups(args: Args, fresh: dict, replayed: dict | None, slots: list[int], n_replayed: int) -> dict:
@@ -726,16 +758,18 @@ def hybrid_groups(args: Args, fresh: dict, replayed: dict | None, slots: list[in
         parts.append([fresh["latents"][rows], log_probs, log_probs, fresh["rewards"][rows], False])
         cursor = rows.stop
     batch = {key: torch.cat([p[i] for p in parts]) for i, key in enumerate(keys)}
+    batch["stochastic"] = torch.isfinite(batch["log_prob_behavior"])  # (B, K): the SDE window (ODE: no density)
     batch["replayed"] = torch.cat([torch.full((len(p[0]),), p[4]) for p in parts])
     batch["index"] = torch.tensor([s * G + m for s in slots for m in range(G)])
     return {key: t.to(batch["latents"].device) for key, t in batch.items()}
 
 
-def trained_steps(args: Args, replayed: torch.Tensor) -> torch.Tensor:
-    """replayed (B,) -> (B, K): the (sample, step) pairs in the loss, kept (Eq. 12) and among the first train_steps
-    (by default the last step, the sharpest Gaussian and the one least able to change the image, is left out)."""
-    step = torch.arange(args.num_steps, device=replayed.device)
-    return kept_steps(args.num_steps, args.truncate_steps, replayed) & (step < (args.train_steps or args.num_steps - 1))
+def trained_steps(args: Args, batch: dict) -> torch.Tensor:
+    """-> (B, K): the (sample, step) pairs in the loss: stochastic (in the sample's SDE window), kept (Eq. 12) and
+    among the first train_steps (by default the last step, the sharpest Gaussian, least able to change the image)."""
+    step = torch.arange(args.num_steps, device=batch["replayed"].device)
+    kept = kept_steps(args.num_steps, args.truncate_steps, batch["replayed"]) & batch["stochastic"]
+    return kept & (step < (args.train_steps or args.num_steps - 1))
 
 
 def admit_best(buffer: ReplayBuffer, args: Args, batch: dict, slot_prompts: list[str], processes) -> int:
@@ -789,13 +823,15 @@ def policy_update(model: Model, args: Args, batch: dict, optimizer, processes, g
     trained steps, one pass per (step, micro-batch). -> per-pass statistics (lists)."""
     B, K = args.prompts_per_iteration * args.group_size, args.num_steps
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    trained, trained_all = trained_steps(args, batch["replayed"]), trained_steps(args, batch["replayed_all"])
+    trained, trained_all = trained_steps(args, batch), torch.zeros((B, K), dtype=torch.int64)
+    for index, mask in processes.gather((batch["index"].cpu(), trained.cpu())):  # every process's trained pairs
+        trained_all[index] = mask.long()
     local = torch.full((B,), -1, device=model.device)  # each whole-batch sample's row here (-1: another process's)
     local[batch["index"]] = torch.arange(len(batch["index"]), device=model.device)
     stats = {"loss": [], "clipfrac_on": [], "clipfrac_off": [], "approx_kl": [], "kl": []}
     model.transformer.train()
     for minibatch in torch.randperm(B, generator=generator, device=model.device).chunk(args.updates_per_batch):
-        n_terms = trained_all[minibatch].sum()  # the loss is a mean over the minibatch's trained pairs
+        n_terms = trained_all[minibatch.cpu()].sum().to(model.device)  # the loss: a mean over the trained pairs
         rows = local[minibatch][local[minibatch] >= 0]  # this process's samples of the minibatch, in order
         optimizer.zero_grad(set_to_none=True)
         for k in range(K):
@@ -862,8 +898,9 @@ def main(args: Args) -> list[dict]:
             # ---- 1-2. Prompt slots (Eq. 8; this process keeps its own) and SDE rollouts of the fresh samples
             with timed(timings, "sampling"):
                 slot_prompts, n_drawn = choose_prompts(args, buffer, draw_prompts, rng)
-                n_replayed, slots = n_drawn if args.replay == "trajectory" else 0, processes.slots(P)
-                fresh = rollout(model, args, slot_prompts, n_replayed, slots, generator)
+                n_replayed, slots, window = n_drawn if args.replay == "trajectory" else 0, processes.slots(P), \
+                    sde_window(args, rng)
+                fresh = rollout(model, args, slot_prompts, n_replayed, slots, generator, window)
             with timed(timings, "reward"):
                 fresh["rewards"] = compute_rewards(reward_fn, args.reward, fresh.pop("images"), fresh["prompts"])
 
@@ -873,15 +910,12 @@ def main(args: Args) -> list[dict]:
                 with timed(timings, "replay_old"):
                     replayed = rescore_replayed(model, args, buffer, mine)
                 with timed(timings, "tail"):
-                    if args.truncate_steps:
-                        regenerate_tail(model, args, replayed, reward_fn)
+                    regenerate_tail(model, args, replayed, reward_fn)
 
             # ---- 5. Hybrid groups (Eq. 8), kept steps (Eq. 12), sequence weights (Eq. 10), advantages (Eq. 5)
             batch = hybrid_groups(args, fresh, replayed, slots, n_replayed)
             batch["embeds"], batch["pooled"] = model.condition([slot_prompts[s] for s in slots for _ in range(G)])
-            batch["replayed_all"] = torch.tensor([s < n_replayed and m == 0 for s in range(P) for m in range(G)],
-                                                 device=device)  # (P G,): the whole batch's layout, every process
-            keep = kept_steps(K, args.truncate_steps, batch["replayed"])  # (B, K)
+            keep = kept_steps(K, args.truncate_steps, batch["replayed"]) & batch["stochastic"]  # (B, K)
             batch["is_weight"] = torch.ones(len(keep), device=device)  # w = 1: fresh samples, and --correction none
             if args.correction == "sequence":
                 batch["is_weight"] = sequence_is_weight(batch["log_prob_old"], batch["log_prob_behavior"], keep)

@@ -61,11 +61,17 @@ def check_settings(args, embedded: str) -> list[str]:
               ("train_steps", 1, K, f"in [1, --num-steps={K}]", ("num_steps",)),
               ("truncate_steps", 0, K - 1, f"in [0, --num-steps={K})", ("num_steps",)),
               ("updates_per_batch", 1, n, f"in [1, {n}] (the samples per iteration)",
-               ("group_size", "prompts_per_iteration"))]
+               ("group_size", "prompts_per_iteration")),
+              ("sde_window", 0, K, f"in [0, --num-steps={K}]", ("num_steps",))]
     for f, low, high, rule, set_by in bounds:  # only the root error: no bound set by a flag already reported
         if getattr(args, f) is not None and not low <= getattr(args, f) <= high and not wrong & set(set_by):
             problems.append(f"{flag(f)} must be {rule}, got {getattr(args, f)}")
             wrong.add(f)
+    low, high = args.sde_window_range or (0, K // 2)
+    if args.sde_window and not wrong & {"num_steps", "sde_window"} and not 0 <= low <= high - args.sde_window <= K - \
+            args.sde_window:
+        problems.append(f"--sde-window-range must hold the window of {args.sde_window} steps within [0, {K}], got "
+                        f"{low} {high}")
     multiple, largest, why = image_sides(args.pretrained)
     if not multiple <= args.resolution <= largest or args.resolution % multiple:
         problems.append(f"--resolution must be a multiple of {multiple} ({why}), got {args.resolution}")
@@ -279,7 +285,10 @@ def batch_arithmetic(args, world: int) -> str:
     n = args.off_policy_fraction * P
     replay = (f"{n:g} replayed group{'s' * (n != 1)} on average ({G - 1} fresh + 1 stored, last {args.truncate_steps} "
               f"steps regenerated) -> {P * G - n:g} fresh samples" if n else "no replay (on-policy Flow-GRPO)")
-    return (f"batch: {P} prompts x {G} images = {P * G} trajectories of {K} steps per iteration; {replay}; "
+    low, high = args.sde_window_range or (0, K // 2)
+    window = (f"; an SDE window of {args.sde_window} steps starting in [{low}, {high - args.sde_window}], ODE "
+              "elsewhere" if args.sde_window else "")
+    return (f"batch: {P} prompts x {G} images = {P * G} trajectories of {K} steps per iteration{window}; {replay}; "
             f"{updates} update{'s' * (updates != 1)} of {P * G // updates} samples on the first "
             f"{args.train_steps or K - 1} steps" + (f", {args.micro_batch} per pass" if args.micro_batch else "")
             + (f"; {world} processes, whole groups each" if world > 1 else ""))
@@ -530,9 +539,19 @@ def iteration_metrics(args, fresh: dict, replayed: dict | None, batch: dict, sta
                     **dict(zip(("log_is_weight_p10", "log_is_weight_p50", "log_is_weight_p90"), quantiles)),
                     "replay_reward_mean": rep_rewards.mean().item(),
                     # the late-step "cliff" (paper Fig. 2): per-step mean and spread of log p_old - log p_off
-                    "log_ratio_old_behavior_per_step": log_ratio.mean(0).tolist(),
-                    "log_ratio_old_behavior_per_step_std": log_ratio.std(0, correction=0).tolist()})
+                    **dict(zip(("log_ratio_old_behavior_per_step", "log_ratio_old_behavior_per_step_std"),
+                               column_mean_std(log_ratio)))})
     return row
+
+
+def column_mean_std(values: torch.Tensor) -> tuple[list, list]:
+    """Per step of (N, K) values, NaN at steps outside a trajectory's SDE window: mean and population std, None for
+    a step no trajectory was stochastic at."""
+    if torch.isfinite(values).all():
+        return values.mean(0).tolist(), values.std(0, correction=0).tolist()
+    columns = [c[torch.isfinite(c)] for c in values.T]
+    return ([c.mean().item() if len(c) else None for c in columns],
+            [c.std(correction=0).item() if len(c) else None for c in columns])
 
 
 def group_diagnostics(rewards: torch.Tensor, replayed: torch.Tensor) -> dict[str, list[float]]:

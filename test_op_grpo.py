@@ -221,6 +221,77 @@ def test_sequence_weight_carries_no_gradient():
     assert not w.requires_grad
 
 
+# ---------------------------------------------------------------------------------------------------------
+# SDE windows (Flow-GRPO-Fast): a few stochastic steps, ODE elsewhere
+# ---------------------------------------------------------------------------------------------------------
+def window_log_probs(windows, num_steps=10, seed=0):
+    """(B, K) log-probs, NaN outside each row's window [start, end): what a windowed sampler records."""
+    values = torch.randn(len(windows), num_steps, generator=torch.Generator().manual_seed(seed)) * 1e-3
+    step = torch.arange(num_steps)
+    inside = torch.stack([(step >= a) & (step < b) for a, b in windows])
+    return torch.where(inside, values, torch.full_like(values, float("nan"))), inside
+
+
+def test_a_fresh_samples_trained_steps_are_exactly_its_window_and_a_replayed_ones_its_kept_stored_window():
+    behavior, inside = window_log_probs([(2, 5), (7, 10), (5, 8), (0, 10)])
+    batch = {"replayed": torch.tensor([False, False, True, True]), "stochastic": torch.isfinite(behavior)}
+    trained = op_grpo.trained_steps(op_grpo.with_presets(Args(truncate_steps=3)), batch)
+    step = torch.arange(10)
+    expected = torch.stack([(step >= 2) & (step < 5),  # fresh: its window
+                            (step >= 7) & (step < 9),  # fresh: its window, less step 9 (train_steps = K - 1)
+                            (step >= 5) & (step < 7),  # replayed: its stored window, less the truncated steps 7-9
+                            step < 7])  # replayed without a window: today's truncation
+    assert torch.equal(trained, expected)
+
+
+def test_a_replayed_trajectorys_weight_is_the_product_over_its_stored_window():
+    behavior, inside = window_log_probs([(1, 4), (5, 8), (0, 10)], seed=1)
+    old = torch.where(inside, behavior + torch.linspace(-2e-3, 3e-3, 10), behavior)  # p_old on the window only
+    replayed = torch.tensor([True, True, True])
+    keep = kept_steps(10, 3, replayed) & torch.isfinite(behavior)
+    w = sequence_is_weight(old, behavior, keep)
+    delta = torch.linspace(-2e-3, 3e-3, 10).double()
+    expected = [math.exp(delta[1:4].sum()), math.exp(delta[5:7].sum()), math.exp(delta[0:7].sum())]
+    torch.testing.assert_close(w.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    args = op_grpo.with_presets(Args())
+    return op_grpo.load_model(args, torch.device("cpu"), ["a red circle", "two blue squares"]), args
+
+
+def test_ode_steps_draw_nothing_and_carry_no_log_prob(tiny_model):
+    model, args = tiny_model
+    start = torch.randn((2, *model.shape), generator=torch.Generator().manual_seed(0))
+    levels = [0.7 if 2 <= k < 5 else 0.0 for k in range(10)]
+    generator = torch.Generator().manual_seed(5)
+    latents, log_probs = op_grpo.sample_trajectories(model, start, model.sigmas, 0, ["a red circle"] * 2, levels,
+                                                     1.0, generator=generator)
+    assert torch.isnan(log_probs[:, [0, 1, 5, 6, 7, 8, 9]]).all() and torch.isfinite(log_probs[:, 2:5]).all()
+    reference = torch.Generator().manual_seed(5)
+    for _ in range(3):  # exactly the window's three draws
+        torch.randn(start.shape, generator=reference)
+    assert torch.equal(torch.randn(4, generator=generator), torch.randn(4, generator=reference))
+    # the ODE steps are the deterministic Euler step of the model's velocity
+    v = op_grpo.predict_velocity(model.transformer, latents[:, 6], model.sigmas[6], *model.condition(["a red circle"] * 2), 1.0)
+    torch.testing.assert_close(latents[:, 7], latents[:, 6] + (model.sigmas[7] - model.sigmas[6]) * v, rtol=0, atol=1e-6)
+
+
+def test_the_window_is_drawn_in_its_range_from_the_runs_stream_and_none_without_one():
+    args = op_grpo.with_presets(Args(sde_window=3))
+    rng, starts = random.Random(0), []
+    for _ in range(400):
+        a, b = op_grpo.sde_window(args, rng)
+        assert b - a == 3
+        starts.append(a)
+    assert sorted(set(starts)) == [0, 1, 2]  # (0, K // 2) = (0, 5): starts 0 to 2, each about a third of the time
+    assert all(abs(starts.count(s) / 400 - 1 / 3) < 4 * math.sqrt(2 / 9 / 400) for s in range(3))
+    rng, before = random.Random(0), random.Random(0).random()
+    assert op_grpo.sde_window(op_grpo.with_presets(Args()), rng) == (0, 10) and rng.random() == before  # no draw
+    assert op_grpo.sde_window(op_grpo.with_presets(Args(sde_window=2, sde_window_range=(6, 8))), rng) == (6, 8)
+
+
 def test_late_steps_are_a_cliff_for_log_ratios():
     """A 1% change of the velocity moves per-step log-ratios far more at low noise (paper Fig. 2).
 
@@ -435,6 +506,9 @@ def test_cli_parses_the_documented_flags():
         (["--prompts-per-iteration", "0"], "--prompts-per-iteration"),
         (["--num-steps", "0"], "--num-steps"),  # and not also --truncate-steps
         (["--prompt-file", "/nonexistent/prompts.txt", "--reward", "geneval"], "--prompt-file"),  # not --reward too
+        (["--sde-window", "11"], "--sde-window"),
+        (["--sde-window", "3", "--sde-window-range", "0", "2"], "--sde-window-range"),
+        (["--sde-window", "3", "--sde-window-range", "8", "12"], "--sde-window-range"),
     ],
 )
 def test_impossible_settings_are_rejected_with_the_flag_named_and_only_the_root_error(flags, flag_named):
@@ -669,6 +743,29 @@ def test_same_seed_same_metrics_and_two_plus_resume_plus_two_equals_four(tmp_pat
 
     a, b = (load_file(tmp_path / run / "transformer" / "diffusion_pytorch_model.safetensors") for run in ("straight", "halves"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sde_window_zero_reproduces_the_run_from_before_windows_existed(tmp_path):
+    """Every logged number of a 3-iteration run with replay and truncation, against the same run made by the code
+    before --sde-window existed (assets/reference_run_3_iterations.json). The tolerance only allows for another
+    machine's float summation order; on the machine that wrote it the rows are equal."""
+    rows = without_timings(op_grpo.main(short_run(tmp_path, "run", iterations=3)))
+    with open(os.path.join(HERE, "assets", "reference_run_3_iterations.json")) as f:
+        reference = json.load(f)
+    assert [sorted(r) for r in rows] == [sorted(r) for r in reference]
+    for row, expected in zip(rows, reference):
+        for key, value in expected.items():
+            assert row[key] == (pytest.approx(value, rel=1e-4, abs=1e-6) if value is not None else None), key
+
+
+def test_resume_inside_a_windowed_run_is_bit_identical(tmp_path):
+    straight = op_grpo.main(short_run(tmp_path, "straight", sde_window=3))
+    op_grpo.main(short_run(tmp_path, "halves", sde_window=3, iterations=2))
+    resumed = op_grpo.main(op_grpo.parse_cli(["--resume", str(tmp_path / "halves"), "--iterations", "4"]))
+    assert without_timings(resumed) == without_timings(straight)
+    assert any(r.get("replayed_groups") for r in straight) and "is_weight_mean" in straight[-1]
+    per_step = straight[-1]["log_ratio_old_behavior_per_step"]  # only the stored windows' steps have a ratio
+    assert per_step[-1] is None and any(v is not None for v in per_step[:5])
 
 
 @pytest.mark.parametrize("signum, code, times", [(signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 1), (signal.SIGINT, 130, 2)])
