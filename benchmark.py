@@ -5,6 +5,7 @@
   python benchmark.py --quick                            # a smoke run of every arm, a few minutes
   python benchmark.py --study                            # where replay pays: the pre-registered study (RESULTS.md)
   python benchmark.py --study --quick                    # its smoke run
+  python benchmark.py --windows                          # SDE windows: learning per minute (RESULTS.md), ~70 min
 
 Every run is `python op_grpo.py <flags> --threads 1` in a process of its own, `--parallel` (2) at a time: the two
 arms of a seed run side by side, so that they share the machine's load and their wall-clock times compare.
@@ -24,7 +25,7 @@ import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -75,6 +76,8 @@ class BenchArgs:
     """also run the INVESTIGATION settings (14 more runs with the defaults' seeds: about 2 hours)"""
     study: bool = False
     """run the study of where replay pays instead (STUDY_REGIMES: 0/1 reward, many flat groups); writes study_*"""
+    windows: bool = False
+    """run the SDE-window sweep and the default candidate's seeds instead (WINDOW_SWEEP); writes window_*"""
     made_only: bool = False
     """with --study: summarise the runs made so far (finished or archived), start none, and list the missing ones"""
     parallel: int = 2
@@ -632,7 +635,78 @@ def report_study(summary: dict) -> None:
         print(f"not made yet ({len(summary['missing'])}): {', '.join(summary['missing'])}")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# SDE windows: learning per minute of the default run (RESULTS.md, "SDE windows", written before the runs). Phase 1:
+# OP-GRPO as the default run (dense reward, 8 x 8, rho 0.25) under each WINDOW_SWEEP variant, seed 0, one thread
+# each, two at a time, each sized to about 10 minutes of single-thread training. Phase 2: the variant with the
+# largest final change, as `python op_grpo.py` would run it (two threads, alone), on seeds 0, 1 and 2.
+# ---------------------------------------------------------------------------------------------------------
+WINDOW_ARCHIVE = os.path.join(HERE, "assets", "window_runs")
+WINDOW_SWEEP = {  # name: (flags, iterations); the iterations equalise single-thread compute (pilot: 3.85 / 1.35 s)
+    "all_lr1e-4": ([], 160),  # the default run today
+    "all_lr3e-5": (["--learning-rate", "3e-5"], 160),
+    "w3_lr3e-5": (["--sde-window", "3", "--learning-rate", "3e-5"], 450),
+    "w3_lr5e-5": (["--sde-window", "3", "--learning-rate", "5e-5"], 450),
+    "w2_lr3e-5": (["--sde-window", "2", "--learning-rate", "3e-5"], 500),
+    "w3_lr3e-5_P16": (["--sde-window", "3", "--learning-rate", "3e-5", "--prompts-per-iteration", "16"], 250),
+}
+WINDOW_SEEDS = (0, 1, 2)  # phase 2
+
+
+def window_job(name: str, seed: int, flags: list[str], iterations: int, args: BenchArgs, threads: int = 1):
+    """One run of the window study: about 8 evaluations whatever its length; archived like the study's runs."""
+    sized = args if args.quick else replace(args, iterations=iterations, eval_every=max(1, iterations // 8))
+    return run_archived(f"windows/{name}", seed, [*flags, "--threads", str(threads)], sized, WINDOW_ARCHIVE)
+
+
+def window_summary(folders: dict) -> dict:
+    """Per run: final change and its paired SE, the curve (iterations, accuracy, training seconds), seconds per
+    iteration in training and in all (evaluations included), and the change per minute of the whole run."""
+    runs = {}
+    for (name, seed), folder in folders.items():
+        rows = load_rows(folder)
+        c, wall = curve(rows), sum(v for r in rows for k, v in r.items() if k.startswith("time/"))
+        runs[f"{name}_seed{seed}"] = {"name": name, "seed": seed, **c, "wall_seconds": wall,
+                                      "train_seconds_per_iteration": c["train_seconds"][-1] / len(rows),
+                                      "change_per_minute": c["final_change"] / (wall / 60)}
+    return runs
+
+
+def run_windows(args: BenchArgs) -> dict:
+    """Phase 1 (WINDOW_SWEEP, seed 0, args.parallel at a time), then phase 2 (the best variant, WINDOW_SEEDS, one at
+    a time with two threads). -> {"phase1": runs, "chosen": name, "phase2": runs}"""
+    with ThreadPoolExecutor(args.parallel) as pool:
+        done = list(pool.map(lambda name: window_job(name, 0, *WINDOW_SWEEP[name], args), WINDOW_SWEEP))
+    phase1 = window_summary({(name, 0): folder for name, folder in zip(WINDOW_SWEEP, done) if folder})
+    if len(phase1) < len(WINDOW_SWEEP):
+        return {"phase1": phase1, "chosen": None, "phase2": {}}
+    chosen = max(WINDOW_SWEEP, key=lambda name: phase1[f"{name}_seed0"]["final_change"])
+    print(f"phase 2: {chosen}, seeds {WINDOW_SEEDS}, two threads, one at a time", flush=True)
+    folders = {(f"default_{chosen}", s): window_job(f"default_{chosen}", s, *WINDOW_SWEEP[chosen], args, threads=2)
+               for s in WINDOW_SEEDS}
+    return {"phase1": phase1, "chosen": chosen, "phase2": window_summary({k: f for k, f in folders.items() if f})}
+
+
+def report_windows(summary: dict) -> None:
+    for phase in ("phase1", "phase2"):
+        for key, r in summary[phase].items():
+            print(f"{phase} {key:34s} change {r['final_change']:+.3f} +- {r['final_change_se']:.3f}  "
+                  f"{r['iterations'][-1]:4d} its  {r['train_seconds_per_iteration']:.2f} s/it training  "
+                  f"{r['wall_seconds'] / 60:5.1f} min in all  {r['change_per_minute']:+.4f} per minute")
+
+
 def main(args: BenchArgs) -> dict:
+    if args.windows:
+        args.output_dir = args.output_dir.replace("benchmark", "windows")
+        if args.quick:
+            args.iterations, args.eval_every, args.eval_per_family = 4, 2, 4
+            args.output_dir, args.assets_dir = args.output_dir + "_quick", args.output_dir + "_quick"
+        summary = run_windows(args)
+        os.makedirs(args.assets_dir, exist_ok=True)
+        with open(os.path.join(args.assets_dir, "window_results.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        report_windows(summary)
+        return summary
     if args.study:
         args.output_dir = args.output_dir.replace("benchmark", "study")
     if args.quick:
