@@ -687,6 +687,30 @@ def run_windows(args: BenchArgs) -> dict:
     return {"phase1": phase1, "chosen": chosen, "phase2": window_summary({k: f for k, f in folders.items() if f})}
 
 
+def plot_windows(summary: dict, assets_dir: str) -> None:
+    """window_curves.png: strict accuracy change against training minutes, phase 1's variants (left) and the
+    default candidate's seeds (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, phase, title in zip(axes, ("phase1", "phase2"), ("phase 1: seed 0, one thread each", "phase 2: "
+                                                             f"{summary['chosen']}, two threads")):
+        for key, r in summary[phase].items():
+            change = np.array(r["eval_reward"]) - r["eval_reward"][0]
+            ax.plot(np.array(r["train_seconds"]) / 60, change, marker=".", label=key.removeprefix("default_"))
+        ax.set_title(title)
+        ax.set_xlabel("training minutes (evaluations excluded)")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("strict accuracy change since iteration 0")
+    figure.tight_layout()
+    figure.savefig(os.path.join(assets_dir, "window_curves.png"), dpi=110)
+
+
 def report_windows(summary: dict) -> None:
     for phase in ("phase1", "phase2"):
         for key, r in summary[phase].items():
@@ -705,6 +729,7 @@ def main(args: BenchArgs) -> dict:
         os.makedirs(args.assets_dir, exist_ok=True)
         with open(os.path.join(args.assets_dir, "window_results.json"), "w") as f:
             json.dump(summary, f, indent=1)
+        plot_windows(summary, args.assets_dir)
         report_windows(summary)
         return summary
     if args.study:

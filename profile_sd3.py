@@ -110,6 +110,9 @@ class ProfileArgs:
     """evaluation prompts (the preset's 32 would dominate a short run); evaluation is timed apart"""
     eval_steps: int | None = None
     """ODE steps at evaluation; None = the sd3 preset (40)"""
+    sde_window: int = 3
+    """then a second run with an SDE window of this many steps (op_grpo's --sde-window; Flow-GRPO-Fast's SD3: 3):
+    its seconds per stage beside the first run's; 0 = no second run"""
     pickscore: bool = False
     """reward with a random CLIP-H of PickScore's shape (the sd3 preset's reward) instead of JPEG compressibility"""
     pickscore_depth: int | None = None
@@ -607,8 +610,16 @@ def profile(args: ProfileArgs) -> dict:
     import peft
     import transformers
 
+    windowed = None
+    if args.sde_window:  # the same run with a window: only its steps are stochastic, stored, re-scored and trained
+        run_window = replace(run, sde_window=args.sde_window, output_dir=run.output_dir + "_window")
+        rows_window, _, seconds_window = watched_run(args, run_window)
+        windowed = {"sde_window": args.sde_window, "run_total": round(seconds_window, 1),
+                    "per_iteration_mean": {k: mean([r[k] for r in rows_window if r["iteration"] in measured and k in r])
+                                           for k in STAGES}}
     return {
         "what": "op_grpo.py --model sd3 on a pipeline of SD3.5-Medium's architecture with random weights",
+        "windowed": windowed,
         "profile_args": asdict(args),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                   else f"cpu ({platform.machine()}, {os.cpu_count()} cores), {torch.get_num_threads()} torch threads",
@@ -649,6 +660,10 @@ def main(args: ProfileArgs) -> dict:
     stages = ", ".join(f"{k.removeprefix('time/')} {v:.2f} s" for k, v in s["per_iteration_mean"].items() if v)
     print(f"\n{results['device']}: iteration {s['iteration_wall_mean']:.2f} s wall; {stages}; "
           f"overhead ratio {o['ratio']:.2f} (target <= {o['target']})")
+    if results["windowed"]:
+        w = results["windowed"]
+        print(f"with --sde-window {w['sde_window']}: " + ", ".join(
+            f"{k.removeprefix('time/')} {v:.2f} s" for k, v in w["per_iteration_mean"].items() if v))
     print(f"peak memory: host RSS {results['memory']['host_max_rss_gb']} GB"
           + (f", GPU allocated {gpu['peak_allocated_gb']} GB of {gpu['total_gb']}" if gpu else "")
           + f"; written to {args.output}")

@@ -1230,6 +1230,40 @@ def test_two_processes_reproduce_one_and_keep_identical_weights(tmp_path):
     assert (tmp_path / "two" / plumbing.CHECKPOINT).exists() and (tmp_path / "two" / "before_after.png").exists()
 
 
+def test_window_study_sizes_its_runs_picks_the_largest_change_and_runs_it_on_three_seeds_with_two_threads(tmp_path,
+                                                                                                       monkeypatch):
+    import benchmark
+
+    calls, change = [], {"all_lr1e-4": 0.01, "all_lr3e-5": 0.05, "w3_lr3e-5": 0.12, "w3_lr5e-5": 0.08,
+                         "w2_lr3e-5": 0.1, "w3_lr3e-5_P16": 0.02}
+
+    def fake_run_one(name, seed, flags, args):  # stands for op_grpo.py: rows with timings and a final change
+        calls.append((name, seed, flags, args.iterations, args.eval_every))
+        folder = os.path.join(args.output_dir, f"{name}_seed{seed}")
+        os.makedirs(folder, exist_ok=True)
+        final = change[name.removeprefix("windows_").removeprefix("default_")]
+        rows = [{"iteration": i, "time/update": 1.0, "time/sampling": 0.5,
+                 **({"eval_reward": 0.4 + final, "eval_se": 0.01, "eval_change": final, "eval_change_se": 0.02,
+                     "time/eval": 3.0} if i == args.iterations - 1 else {})} for i in range(args.iterations)]
+        rows[0].update(eval_reward=0.4)
+        with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        return folder
+
+    monkeypatch.setattr(benchmark, "run_one", fake_run_one)
+    monkeypatch.setattr(benchmark, "WINDOW_ARCHIVE", str(tmp_path / "archive"))
+    summary = benchmark.run_windows(benchmark.BenchArgs(output_dir=str(tmp_path / "runs"), parallel=1))
+    phase1 = {c[0]: c for c in calls[: len(benchmark.WINDOW_SWEEP)]}
+    assert phase1["windows_w3_lr3e-5"][3:] == (450, 56) and phase1["windows_all_lr1e-4"][3:] == (160, 20)
+    assert phase1["windows_w3_lr3e-5"][2][-2:] == ["--threads", "1"]
+    assert summary["chosen"] == "w3_lr3e-5"
+    assert [(c[0], c[1], c[2][-1]) for c in calls[len(benchmark.WINDOW_SWEEP) :]] == [
+        ("windows_default_w3_lr3e-5", s, "2") for s in (0, 1, 2)]
+    run = summary["phase2"]["default_w3_lr3e-5_seed1"]
+    assert run["final_change"] == 0.12 and run["train_seconds_per_iteration"] == 1.5
+    assert run["wall_seconds"] == 450 * 1.5 + 3.0 and run["change_per_minute"] == pytest.approx(0.12 / (678 / 60))
+
+
 def test_benchmark_ratio_is_the_first_evaluation_at_the_baseline_final():
     import benchmark
 
@@ -1482,13 +1516,15 @@ def test_profile_runs_op_grpo_sd3_end_to_end_on_the_reduced_build(reduced_pipeli
         folder=reduced_pipeline, run_dir=str(tmp_path / "run"), output=str(tmp_path / "profile.json"), depth=2,
         text_depth=1, resolution=64, max_sequence_length=4, prompts_per_iteration=2, group_size=2, micro_batch=2,
         off_policy_fraction=0.5, num_steps=4, iterations=2, eval_per_family=2, eval_steps=2, activations=False,
-        timing_repeats=1, device="cpu", threads=1)
+        timing_repeats=1, device="cpu", threads=1, sde_window=2)
     try:
         results = profile_sd3.main(args)
     finally:
         torch.set_num_threads(threads)
     assert json.load(open(args.output))["overhead"]["ratio"] == results["overhead"]["ratio"] > 0
     assert results["build"]["seconds"] == "reused" and results["op_grpo_args"]["lora_rank"] == 32
+    windowed = results["windowed"]  # the same run with an SDE window of 2 of the 4 steps, beside it
+    assert windowed["sde_window"] == 2 and all(windowed["per_iteration_mean"][k] > 0 for k in profile_sd3.STAGES)
     stages = results["seconds"]["per_iteration_mean"]
     assert all(stages[k] > 0 for k in profile_sd3.STAGES)  # iteration 1 replays one slot: p_old pass and tail too
     # the passes of iteration 1 (K = 4, 2 prompts x 2, one replayed slot, micro-batch 2): sampling 4 steps over the
