@@ -681,7 +681,7 @@ def sde_window(args: Args, rng: random.Random) -> tuple[int, int]:
     the window lies in --sde-window-range. Without a window, every step: (0, K), and no random number is drawn."""
     if not args.sde_window:
         return 0, args.num_steps
-    low, high = args.sde_window_range or (0, args.num_steps // 2)
+    low, high = plumbing.window_range(args)
     start = rng.randint(low, high - args.sde_window)
     return start, start + args.sde_window
 
@@ -898,9 +898,8 @@ def main(args: Args) -> list[dict]:
             # ---- 1-2. Prompt slots (Eq. 8; this process keeps its own) and SDE rollouts of the fresh samples
             with timed(timings, "sampling"):
                 slot_prompts, n_drawn = choose_prompts(args, buffer, draw_prompts, rng)
-                n_replayed, slots, window = n_drawn if args.replay == "trajectory" else 0, processes.slots(P), \
-                    sde_window(args, rng)
-                fresh = rollout(model, args, slot_prompts, n_replayed, slots, generator, window)
+                n_replayed, slots = n_drawn if args.replay == "trajectory" else 0, processes.slots(P)
+                fresh = rollout(model, args, slot_prompts, n_replayed, slots, generator, sde_window(args, rng))
             with timed(timings, "reward"):
                 fresh["rewards"] = compute_rewards(reward_fn, args.reward, fresh.pop("images"), fresh["prompts"])
 

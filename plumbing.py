@@ -67,9 +67,9 @@ def check_settings(args, embedded: str) -> list[str]:
         if getattr(args, f) is not None and not low <= getattr(args, f) <= high and not wrong & set(set_by):
             problems.append(f"{flag(f)} must be {rule}, got {getattr(args, f)}")
             wrong.add(f)
-    low, high = args.sde_window_range or (0, K // 2)
-    if args.sde_window and not wrong & {"num_steps", "sde_window"} and not 0 <= low <= high - args.sde_window <= K - \
-            args.sde_window:
+    low, high = window_range(args)
+    fits = 0 <= low <= high - args.sde_window <= K - args.sde_window
+    if args.sde_window and not wrong & {"num_steps", "sde_window"} and not fits:
         problems.append(f"--sde-window-range must hold the window of {args.sde_window} steps within [0, {K}], got "
                         f"{low} {high}")
     multiple, largest, why = image_sides(args.pretrained)
@@ -87,6 +87,11 @@ def check_settings(args, embedded: str) -> list[str]:
     if args.wandb_project and importlib.util.find_spec("wandb") is None:
         problems.append("--wandb-project needs the wandb package: pip install wandb")
     return problems + check_device(args.device) + check_pretrained(args.pretrained, embedded) + check_folders(args)
+
+
+def window_range(args) -> tuple[int, int]:
+    """[lo, hi) in which the SDE window lies: --sde-window-range, or Flow-GRPO-Fast's (0, K // 2)."""
+    return args.sde_window_range or (0, args.num_steps // 2)
 
 
 def check_toy_prompts(path: str) -> list[str]:
@@ -285,7 +290,7 @@ def batch_arithmetic(args, world: int) -> str:
     n = args.off_policy_fraction * P
     replay = (f"{n:g} replayed group{'s' * (n != 1)} on average ({G - 1} fresh + 1 stored, last {args.truncate_steps} "
               f"steps regenerated) -> {P * G - n:g} fresh samples" if n else "no replay (on-policy Flow-GRPO)")
-    low, high = args.sde_window_range or (0, K // 2)
+    low, high = window_range(args)
     window = (f"; an SDE window of {args.sde_window} steps starting in [{low}, {high - args.sde_window}], ODE "
               "elsewhere" if args.sde_window else "")
     return (f"batch: {P} prompts x {G} images = {P * G} trajectories of {K} steps per iteration{window}; {replay}; "
@@ -458,14 +463,14 @@ def read_checkpoint(folder: str, verify: bool = True) -> dict:
               "iterations logged so far)"
     try:
         with zipfile.ZipFile(path) as archive:  # torch.load does not check the CRC-32s that torch.save writes
-            if verify and (bad := archive.testzip()):
-                raise ValueError(f"its record {bad} fails its checksum")
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=not verify)
+            bad = archive.testzip() if verify else None
+        saved = None if bad else torch.load(path, map_location="cpu", weights_only=True, mmap=not verify)
     except zipfile.BadZipFile:
         raise UsageError(damaged.format("it is not a complete checkpoint: it was cut short or overwritten")) from None
-    except Exception as error:  # a checksum, a record torch cannot read: in our words, no traceback
-        reason = str(error) if isinstance(error, ValueError) and "checksum" in str(error) else "torch cannot read it"
-        raise UsageError(damaged.format(reason)) from None
+    except Exception:  # a record torch cannot read: in our words, no traceback
+        raise UsageError(damaged.format("torch cannot read it")) from None
+    if bad:
+        raise UsageError(damaged.format(f"its record {bad} fails its checksum"))
     needed = {"iteration", "trainable", "optimizer", "scheduler", "buffer", "rng", "history", "baseline"}
     if missing := (needed if verify else {"iteration"}) - set(saved):  # a quick look needs only the iteration
         raise UsageError(damaged.format(f"it lacks {', '.join(sorted(missing))}"))
@@ -661,13 +666,12 @@ def stop_message(done: int, args) -> str:
 def stopped_at_once(output_dir: str | None) -> int:
     """After a second signal stopped the run at once: say what it left, plainly, and return the exit status."""
     name = signal.Signals(STOP_REQUESTED[-1]).name if STOP_REQUESTED else "SIGINT"
-    try:
-        done = read_checkpoint(output_dir or "", verify=False)["iteration"]
-        kept = (f"its checkpoint holds {done} finished iterations; continue with: python op_grpo.py --resume "
-                f"{output_dir}")
-    except UsageError:
-        kept = ("nothing was saved: it stopped before its first checkpoint"
-                + (f" ({output_dir} holds {held})" if (held := run_files(output_dir)) else ""))
+    held, done = run_files(output_dir or ""), None
+    with contextlib.suppress(UsageError):  # a checkpoint that cannot be read counts as none
+        done = read_checkpoint(output_dir, verify=False)["iteration"] if CHECKPOINT in held.split(", ") else None
+    kept = (f"its checkpoint holds {done} finished iterations; continue with: python op_grpo.py --resume {output_dir}"
+            if done is not None else "nothing was saved: it stopped before its first checkpoint"
+            + (f" ({output_dir} holds {held})" if held else ""))
     print(f"\nstopped at once by {'a second ' * (len(STOP_REQUESTED) > 1)}{name}: {kept}", file=sys.stderr)
     return 128 + (STOP_REQUESTED[0] if STOP_REQUESTED else signal.SIGINT)
 
