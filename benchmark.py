@@ -6,6 +6,7 @@
   python benchmark.py --study                            # where replay pays: the pre-registered study (RESULTS.md)
   python benchmark.py --study --quick                    # its smoke run
   python benchmark.py --windows                          # SDE windows: learning per minute (RESULTS.md), ~70 min
+  python benchmark.py --side-by-side                     # windows in both arms, 600 iterations: 15 runs, ~2.2 h
 
 Every run is `python op_grpo.py <flags> --threads 1` in a process of its own, `--parallel` (2) at a time: the two
 arms of a seed run side by side, so that they share the machine's load and their wall-clock times compare.
@@ -78,6 +79,8 @@ class BenchArgs:
     """run the study of where replay pays instead (STUDY_REGIMES: 0/1 reward, many flat groups); writes study_*"""
     windows: bool = False
     """run the SDE-window sweep and the default candidate's seeds instead (WINDOW_SWEEP); writes window_*"""
+    side_by_side: bool = False
+    """run the windows' side-by-side and longer horizon instead (SIDE_BY_SIDE, 3 seeds); writes side_by_side_*"""
     made_only: bool = False
     """with --study: summarise the runs made so far (finished or archived), start none, and list the missing ones"""
     parallel: int = 2
@@ -653,10 +656,11 @@ WINDOW_SWEEP = {  # name: (flags, iterations); the iterations equalise single-th
 WINDOW_SEEDS = (0, 1, 2)  # phase 2
 
 
-def window_job(name: str, seed: int, flags: list[str], iterations: int, args: BenchArgs, threads: int = 1):
-    """One run of the window study: about 8 evaluations whatever its length; archived like the study's runs."""
-    sized = args if args.quick else replace(args, iterations=iterations, eval_every=max(1, iterations // 8))
-    return run_archived(f"windows/{name}", seed, [*flags, "--threads", str(threads)], sized, WINDOW_ARCHIVE)
+def window_job(name: str, seed: int, flags: list[str], iterations: int, args: BenchArgs, threads: int = 1,
+               evaluations: int = 8, prefix: str = "windows", archive: str | None = None):
+    """One run of the window studies: `evaluations` evaluations whatever its length; archived like the study's."""
+    sized = args if args.quick else replace(args, iterations=iterations, eval_every=max(1, iterations // evaluations))
+    return run_archived(f"{prefix}/{name}", seed, [*flags, "--threads", str(threads)], sized, archive or WINDOW_ARCHIVE)
 
 
 def window_summary(folders: dict) -> dict:
@@ -719,7 +723,133 @@ def report_windows(summary: dict) -> None:
                   f"{r['wall_seconds'] / 60:5.1f} min in all  {r['change_per_minute']:+.4f} per minute")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The side-by-side and the longer horizon (RESULTS.md, "Windows side by side", written before the runs): in the dense
+# default task, Flow-GRPO on all steps (today's defaults) against Flow-GRPO and OP-GRPO with the window study's
+# candidate (2 steps, lr 3e-5) at about equal single-thread training time, and both windowed arms for 600 iterations
+# (3x the default run) there and in the small-group regime B with G 2. Seeds in order, both arms of a pair side by side.
+# ---------------------------------------------------------------------------------------------------------
+SIDE_ARCHIVE = os.path.join(HERE, "assets", "side_by_side_runs")
+WINDOW = ["--sde-window", "2", "--learning-rate", "3e-5"]
+SIDE_BY_SIDE = {  # name: (flags, iterations, evaluations); 250 all-step iterations cost about 600 windowed (3.62 / 1.53 s)
+    "dense/op_w2": (WINDOW, 600, 12),
+    "dense/flow_w2": (ARMS["flow_grpo"] + WINDOW, 600, 12),
+    "dense/flow_all": (ARMS["flow_grpo"], 250, 10),
+    "B_G2/op_w2": (STUDY_REGIMES["B_G2"] + WINDOW, 600, 12),
+    "B_G2/flow_w2": (STUDY_REGIMES["B_G2"] + ARMS["flow_grpo"] + WINDOW, 600, 12),
+}
+SIDE_SEEDS = (0, 1, 2)
+SIDE_CONTRASTS = [("dense/flow_w2", "dense/flow_all"), ("dense/op_w2", "dense/flow_all"),  # (variant, reference)
+                  ("dense/op_w2", "dense/flow_w2"), ("B_G2/op_w2", "B_G2/flow_w2")]
+
+
+def contrast(variant: dict, reference: dict) -> dict:
+    """Two curves of one seed. At equal training time: the mean over [0, T] (T the shorter run's training seconds,
+    100 points, linear between evaluations) of the accuracy difference, and the time the variant takes to reach the
+    reference's final accuracy, over the reference's time. With the same evaluation iterations: the mean difference
+    over evaluations, over the first third of the run and over the last third (does the gap grow?)."""
+    end = min(variant["train_seconds"][-1], reference["train_seconds"][-1])
+    grid = np.linspace(0, end, 101)[1:]
+    gap = np.interp(grid, variant["train_seconds"], variant["eval_reward"]) - np.interp(
+        grid, reference["train_seconds"], reference["eval_reward"])
+    reached = first_reach(variant, reference["eval_reward"][-1])
+    out = {"equal_time_curve_difference": float(gap.mean()), "equal_time_seconds": float(end),
+           "wall_clock_ratio": reached[1] / reference["train_seconds"][-1] if reached else None}
+    if variant["iterations"] == reference["iterations"]:
+        its, diff = np.array(variant["iterations"]), np.subtract(variant["eval_reward"], reference["eval_reward"])
+        third = its[-1] / 3
+        out |= {"curve_difference": float(diff[1:].mean()), "final_difference": float(diff[-1]),
+                "first_third_difference": float(diff[(its > 0) & (its <= max(third, its[1]))].mean()),
+                "last_third_difference": float(diff[its >= 2 * third].mean()),
+                "iteration_ratio": reached[0] / its[-1] if reached else None}
+        out["gap_growth"] = out["last_third_difference"] - out["first_third_difference"]
+    return out
+
+
+def side_summary(folders: dict) -> dict:
+    """Per run its curve and timings (window_summary); per contrast its per-seed numbers and their seed stats."""
+    runs = window_summary(folders)
+    contrasts = {}
+    for variant, reference in SIDE_CONTRASTS:
+        seeds = [s for s in SIDE_SEEDS if f"{variant}_seed{s}" in runs and f"{reference}_seed{s}" in runs]
+        per_seed = {s: contrast(runs[f"{variant}_seed{s}"], runs[f"{reference}_seed{s}"]) for s in seeds}
+        if per_seed:
+            keys = [k for k in per_seed[seeds[0]] if not k.endswith("ratio")]
+            contrasts[f"{variant} - {reference}"] = {
+                "per_seed": per_seed, **{k: seed_stat([p[k] for p in per_seed.values()]) for k in keys},
+                **{k: median_or_none([p[k] for p in per_seed.values()]) for k in per_seed[seeds[0]] if k.endswith("ratio")}}
+    return {"runs": runs, "contrasts": contrasts}
+
+
+def run_side_by_side(args: BenchArgs) -> dict:
+    """Every SIDE_BY_SIDE run on SIDE_SEEDS (one thread each, args.parallel at a time), seed by seed."""
+    jobs = [(name, seed) for seed in (SIDE_SEEDS[:1] if args.quick else SIDE_SEEDS) for name in SIDE_BY_SIDE]
+
+    def job_run(name, seed):
+        flags, iterations, evaluations = SIDE_BY_SIDE[name]
+        return window_job(name, seed, flags, iterations, args, evaluations=evaluations, prefix="side",
+                          archive=SIDE_ARCHIVE)
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        done = list(pool.map(lambda job: job_run(*job), jobs))
+    summary = side_summary({job: folder for job, folder in zip(jobs, done) if folder})
+    return summary | {"config": {"runs": SIDE_BY_SIDE, "seeds": SIDE_SEEDS, "contrasts": SIDE_CONTRASTS,
+                                 "eval_per_family": args.eval_per_family}}
+
+
+def plot_side_by_side(summary: dict, assets_dir: str) -> None:
+    """side_by_side.png: the dense task's three arms against training minutes and iterations, and B with G 2's two
+    arms against iterations; the mean over seeds (line) and its range (band) of the change since iteration 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+    panels = [(axes[0], "dense", "train_seconds", "training minutes (evaluations excluded)"),
+              (axes[1], "dense", "iterations", "iteration"), (axes[2], "B_G2", "iterations", "iteration")]
+    for ax, task, x_key, x_label in panels:
+        for name in (n for n in SIDE_BY_SIDE if n.startswith(task)):
+            runs = [r for r in summary["runs"].values() if r["name"] == name]
+            if not runs:
+                continue
+            x = np.mean([r[x_key] for r in runs], axis=0) / (60 if x_key == "train_seconds" else 1)
+            change = np.array([np.subtract(r["eval_reward"], r["eval_reward"][0]) for r in runs])
+            line, = ax.plot(x, change.mean(0), marker=".", label=f"{name.split('/')[1]} ({len(runs)} seeds)")
+            ax.fill_between(x, change.min(0), change.max(0), color=line.get_color(), alpha=0.15)
+        ax.set_title({"dense": "dense default task", "B_G2": "B with G 2 (0/1 reward)"}[task])
+        ax.set_xlabel(x_label)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("strict accuracy change since iteration 0")
+    figure.tight_layout()
+    figure.savefig(os.path.join(assets_dir, "side_by_side.png"), dpi=110)
+
+
+def report_side_by_side(summary: dict) -> None:
+    for key, r in summary["runs"].items():
+        print(f"{key:26s} change {r['final_change']:+.3f} +- {r['final_change_se']:.3f}  {r['iterations'][-1]:4d} its  "
+              f"{r['train_seconds_per_iteration']:.2f} s/it training  {r['wall_seconds'] / 60:5.1f} min in all")
+    for key, c in summary["contrasts"].items():
+        parts = [f"{k} {pm(c[k])}" for k in c if isinstance(c[k], dict) and "mean" in c[k]]
+        ratios = [f"{k} {c[k]:.2f}" if c[k] is not None else f"{k} never" for k in c if k.endswith("ratio")]
+        print(f"{key}: " + "; ".join(parts + ratios))
+
+
 def main(args: BenchArgs) -> dict:
+    if args.side_by_side:
+        args.output_dir = args.output_dir.replace("benchmark", "side_by_side")
+        if args.quick:
+            args.iterations, args.eval_every, args.eval_per_family = 4, 2, 4
+            args.output_dir, args.assets_dir = args.output_dir + "_quick", args.output_dir + "_quick"
+        summary = run_side_by_side(args)
+        os.makedirs(args.assets_dir, exist_ok=True)
+        with open(os.path.join(args.assets_dir, "side_by_side_results.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        plot_side_by_side(summary, args.assets_dir)
+        report_side_by_side(summary)
+        return summary
     if args.windows:
         args.output_dir = args.output_dir.replace("benchmark", "windows")
         if args.quick:
