@@ -1293,6 +1293,29 @@ def test_benchmark_ratio_is_the_first_evaluation_at_the_baseline_final():
     assert benchmark.pm({"mean": -0.1, "se_over_seeds": 0.02}) == "-0.100 +- 0.020"
 
 
+def test_side_by_side_contrasts_compare_at_equal_training_time_and_at_equal_iterations():
+    import benchmark
+
+    def run(rewards, seconds_per_point, iterations=(0, 2, 4, 6)):
+        return {"iterations": list(iterations), "eval_reward": rewards,
+                "train_seconds": [seconds_per_point * i for i in range(len(rewards))]}
+
+    variant = run([0.4, 0.5, 0.6, 0.7], 1.0)  # accuracy 0.4 + 0.1 t
+    reference = run([0.4, 0.42, 0.44, 0.46], 2.0)  # accuracy 0.4 + 0.01 t
+    c = benchmark.contrast(variant, reference)
+    # the gap 0.09 t, read at t = 3k/100 for k = 1..100 (the shorter run ends at 3 s): mean 0.09 * 3 * 101 / 200
+    assert c["equal_time_seconds"] == 3.0 and c["equal_time_curve_difference"] == pytest.approx(0.09 * 3 * 101 / 200)
+    assert c["wall_clock_ratio"] == pytest.approx(1 / 6)  # 0.46 first reached at the 1-second evaluation
+    # the same evaluation iterations: differences 0.08, 0.16, 0.24 after iteration 0
+    assert c["curve_difference"] == pytest.approx(0.16) and c["final_difference"] == pytest.approx(0.24)
+    assert c["first_third_difference"] == pytest.approx(0.08) and c["last_third_difference"] == pytest.approx(0.20)
+    assert c["gap_growth"] == pytest.approx(0.12) and c["iteration_ratio"] == pytest.approx(2 / 6)
+    # other evaluation iterations (all steps against a window): only the equal-time measures
+    other = benchmark.contrast(variant, run([0.4, 0.42, 0.44, 0.46], 2.0, iterations=(0, 1, 2, 3)))
+    assert "curve_difference" not in other and other["equal_time_curve_difference"] == c["equal_time_curve_difference"]
+    assert benchmark.contrast(reference, variant)["wall_clock_ratio"] is None  # never reaches 0.7
+
+
 def test_study_runs_are_archived_when_finished_and_restored_instead_of_rerun(tmp_path, monkeypatch):
     import gzip
 
