@@ -1,4 +1,4 @@
-"""OP-GRPO: off-policy GRPO for flow-matching image generators, in one file.
+"""OP-GRPO: off-policy GRPO for flow-matching image and video generators, in one file.
 
 Papers
   OP-GRPO   "Efficient Off-Policy GRPO for Flow-Matching Models", arXiv 2604.04142 (equation numbers below)
@@ -13,6 +13,7 @@ late steps cut off and regenerated, its surrogate loss multiplied by a sequence-
   python op_grpo.py                          # embedded tiny SD3 on the toy GenEval world, 2 CPU cores, ~9 min
   python op_grpo.py --off-policy-fraction 0  # the same run as plain on-policy Flow-GRPO
   python op_grpo.py --model sd3              # Stable Diffusion 3.5 Medium with LoRA and PickScore, one GPU
+  python op_grpo.py --model wan              # Wan2.1-T2V-1.3B video, PickScore on every 4th frame, one GPU
 
 Reading order: Args -> pure math -> replay buffer -> rewards -> model helpers -> the stages of one iteration ->
 main() -> evaluation -> the command line. What does not change what is computed (argument checks, processes, NaN
@@ -63,10 +64,12 @@ class Args:
     """OP-GRPO fine-tuning of an SD3-family pipeline. A flag left at None takes its --model preset (PRESETS below)."""
 
     # --- model, prompts and reward
-    model: Literal["tiny", "sd3"] = "tiny"
-    """tiny: the embedded toy-world SD3 in tiny_sd3/ (CPU, offline, ~9 min); sd3: Stable Diffusion 3.5 Medium"""
+    model: Literal["tiny", "sd3", "wan"] = "tiny"
+    """tiny: the embedded toy-world SD3 in tiny_sd3/ (CPU, offline, ~9 min); sd3: Stable Diffusion 3.5 Medium; wan:
+    Wan2.1-T2V-1.3B, text to video"""
     pretrained: str | None = None
-    """Hub id or folder of an SD3-family pipeline (tiny: ./tiny_sd3, sd3: stabilityai/stable-diffusion-3.5-medium)"""
+    """Hub id or folder of the --model's pipeline (tiny: ./tiny_sd3, sd3: stabilityai/stable-diffusion-3.5-medium,
+    wan: Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"""
     reward: str | None = None
     """geneval, geneval_strict (toy world), jpeg, pickscore, or a sum name=weight,... (tiny: geneval, sd3: pickscore)"""
     prompt_file: str | None = None
@@ -78,9 +81,16 @@ class Args:
     seed: int = 0
     """seed for prompts, noise and the model's random state"""
     resolution: int | None = None
-    """image side in pixels (tiny: 32, sd3: 512)"""
+    """image (video: frame) height in pixels, and width unless --width (tiny: 32, sd3: 512, wan: 240)"""
+    width: int | None = None
+    """image or frame width in pixels; None = --resolution, square (wan: 416, Flow-GRPO's)"""
+    num_frames: int | None = None
+    """video frames, 4 n + 1 (wan: 33, Flow-GRPO's); None for image models"""
+    reward_every: int = 4
+    """an image reward scores a video by its mean over frames 0, n, 2n, ... (Flow-GRPO's video OCR: every 4th)"""
     max_sequence_length: int | None = None
-    """T5 tokens per prompt; 0 = no T5, not even loaded (tiny: 0, it has none; sd3: 256, the pipeline's default)"""
+    """T5 tokens per prompt; 0 = no T5, not even loaded (tiny: 0, it has none; sd3: 256, the pipeline's default;
+    wan: 512, UMT5's)"""
 
     # --- what trains, and in which precision
     lora_rank: int | None = None
@@ -101,8 +111,8 @@ class Args:
     """P: prompt slots per iteration, fresh or replayed (tiny: 8, sd3: 4)"""
     group_size: int | None = None
     """G: images per prompt; advantages are normalised within each group (tiny: 8, sd3: 8)"""
-    num_steps: int = 10
-    """K: SDE denoising steps per trajectory (Flow-GRPO: 10 for training)"""
+    num_steps: int | None = None
+    """K: SDE denoising steps per trajectory (Flow-GRPO: tiny, sd3: 10; wan: 20)"""
     noise_level: float = 0.7
     """a: SDE noise scale (Flow-GRPO: 0.7)"""
     sde_window: int = 0
@@ -127,11 +137,12 @@ class Args:
     """PPO clip epsilon on the ratio of per-dimension-mean log-probs (tiny: 2e-3 for 256 dims; sd3: 1e-4, Flow-GRPO)"""
     adv_clip: float = 5.0
     """advantages are clipped to +-adv_clip (Flow-GRPO: 5)"""
-    kl_beta: float = 0.01
-    """beta of the KL penalty to the frozen initial model (Eq. 4; Flow-GRPO PickScore: 0.01); 0 = none, no pass"""
+    kl_beta: float | None = None
+    """beta of the KL penalty to the frozen initial model (Eq. 4); 0 = none, no pass (Flow-GRPO's: tiny, sd3: 0.01
+    as its PickScore recipe; wan: 0.004)"""
     kl_form: Literal["exact", "flow_grpo"] | None = None
-    """exact: the Gaussian KL of each transition; flow_grpo: Flow-GRPO's penalty, |dt| x that KL, with which its beta
-    is meant (10 steps: about 1/10 as strong) (tiny: exact; sd3: flow_grpo)"""
+    """exact: the Gaussian KL of each transition; flow_grpo: Flow-GRPO's SD3 penalty, |dt| x that KL, with which its
+    beta is meant (10 steps: about 1/10 as strong) (tiny: exact; sd3: flow_grpo; wan: exact, as Flow-GRPO's Wan)"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
 
@@ -179,16 +190,24 @@ class Args:
 
 # Defaults per --model for the flags left at None. tiny: the embedded model on 2 CPU cores. sd3: Flow-GRPO's
 # SD3.5-Medium recipe (its config/grpo.py: LoRA r 32 / alpha 64, lr 3e-4, clip 1e-4, CFG 4.5, 10 SDE steps,
-# 40 ODE steps for evaluation, 512 px), with the batch scaled from its 24 GPUs down to one 80 GB GPU.
+# 40 ODE steps for evaluation, 512 px), with the batch scaled from its 24 GPUs down to one 80 GB GPU. wan: its
+# Wan2.1 recipe (general_ocr_wan2_1: 240 x 416, 33 frames, 20 steps, 50 at evaluation, CFG 4.5, group 4, LoRA 32 /
+# 64, lr 1e-4, clip 1e-3, beta 0.004 on the exact KL), 16 videos per iteration for one 80 GB GPU.
 PRESETS = {
     "tiny": dict(pretrained=os.path.join(HERE, "tiny_sd3"), reward="geneval", resolution=32, max_sequence_length=0,
                  lora_rank=0, mixed_precision="no", micro_batch=0, iterations=200, prompts_per_iteration=8,
-                 group_size=8, guidance_scale=1.0, learning_rate=1e-4, clip_range=2e-3, eval_every=50,
-                 eval_per_family=128, eval_steps=10, checkpoint_every=50, kl_form="exact"),
+                 group_size=8, num_steps=10, guidance_scale=1.0, learning_rate=1e-4, clip_range=2e-3, kl_beta=0.01,
+                 eval_every=50, eval_per_family=128, eval_steps=10, checkpoint_every=50, kl_form="exact"),
     "sd3": dict(pretrained="stabilityai/stable-diffusion-3.5-medium", reward="pickscore", resolution=512,
                 max_sequence_length=256, lora_rank=32, mixed_precision="bf16", micro_batch=4, iterations=500,
-                prompts_per_iteration=4, group_size=8, guidance_scale=4.5, learning_rate=3e-4, clip_range=1e-4,
-                eval_every=50, eval_per_family=32, eval_steps=40, checkpoint_every=25, kl_form="flow_grpo"),
+                prompts_per_iteration=4, group_size=8, num_steps=10, guidance_scale=4.5, learning_rate=3e-4,
+                clip_range=1e-4, kl_beta=0.01, eval_every=50, eval_per_family=32, eval_steps=40, checkpoint_every=25,
+                kl_form="flow_grpo"),
+    "wan": dict(pretrained="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", reward="pickscore", resolution=240, width=416,
+                num_frames=33, max_sequence_length=512, lora_rank=32, mixed_precision="bf16", micro_batch=2,
+                iterations=500, prompts_per_iteration=4, group_size=4, num_steps=20, guidance_scale=4.5,
+                learning_rate=1e-4, clip_range=1e-3, kl_beta=0.004, eval_every=50, eval_per_family=16, eval_steps=50,
+                checkpoint_every=25, kl_form="exact"),
 }
 
 
@@ -412,9 +431,24 @@ REWARDS = {"geneval": toy_world.geneval_reward, "geneval_strict": toy_world.gene
            "jpeg": jpeg_reward, "pickscore": pickscore_reward}
 
 
-def weighted_reward(weights: dict[str, float]):
-    """One reward function from a parse_reward dict: (images, prompts) -> sum of weight x reward, (B,)."""
-    return lambda images, prompts: sum(w * REWARDS[name](images, prompts).float() for name, w in weights.items())
+VIDEO_REWARDS: set[str] = set()  # names in REWARDS whose function scores whole videos (lists of frames) itself
+
+
+def on_frames(reward, every: int):
+    """An image reward made a video reward: each video's mean over its frames 0, every, 2 every, ..."""
+    def video_reward(videos, prompts):
+        picked = [video[::every] for video in videos]
+        scores = reward([f for v in picked for f in v], [p for v, p in zip(picked, prompts) for _ in v]).float()
+        return torch.stack([s.mean() for s in scores.split([len(v) for v in picked])])
+    return video_reward
+
+
+def weighted_reward(weights: dict[str, float], every: int | None = None):
+    """One reward function from a parse_reward dict: (images, prompts) -> sum of weight x reward, (B,). For videos
+    (every = a frame stride) an image reward scores every every-th frame (on_frames)."""
+    fns = {name: REWARDS[name] if every is None or name in VIDEO_REWARDS else on_frames(REWARDS[name], every)
+           for name in weights}
+    return lambda images, prompts: sum(w * fns[name](images, prompts).float() for name, w in weights.items())
 
 
 def compute_rewards(reward_fn, name: str, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
@@ -454,7 +488,7 @@ def load_reward(args: Args, device: torch.device):
     """The --reward function; PickScore's model is loaded here, before training."""
     if "pickscore" in (weights := parse_reward(args.reward)):
         load_pickscore(device, FROZEN_DTYPES[args.mixed_precision])
-    return weighted_reward(weights)
+    return weighted_reward(weights, args.reward_every if args.num_frames else None)
 
 
 def uses_toy_world(args: Args) -> bool:
@@ -467,23 +501,37 @@ def uses_toy_world(args: Args) -> bool:
 # =========================================================================================================
 FROZEN_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# LoRA targets, the diffusers names of SD3's joint-attention projections as Flow-GRPO lists them: the image
-# stream (to_q/k/v, to_out.0) and the text stream (add_q/k/v_proj, to_add_out). SD3.5's first 13 blocks also
-# have a second, image-only self-attention `attn2` (MMDiT-X); "attn.to_q" does not match "attn2.to_q", so it
-# stays frozen, as in Flow-GRPO. The feed-forward layers and the AdaLN modulations stay frozen too.
-LORA_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
-                "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
+# What differs per model family is this table and the few lines that ask makes_video(pipe); the method does not
+# care whether a latent is an image (C, H, W) or a video (C, F, H, W). LoRA targets: SD3's joint-attention
+# projections as Flow-GRPO lists them, the image stream (to_q/k/v, to_out.0) and the text stream (add_q/k/v_proj,
+# to_add_out); SD3.5's image-only `attn2` (MMDiT-X) is not matched by "attn.to_q" and stays frozen, as in
+# Flow-GRPO. Wan: the self- and cross-attention projections of every block (attn1, attn2), Flow-GRPO's Wan list
+# less its add_k/v_proj, which exist only in the image-to-video model. Feed-forward and modulation layers stay frozen.
+PIPELINES = {"tiny": "StableDiffusion3Pipeline", "sd3": "StableDiffusion3Pipeline", "wan": "WanPipeline"}
+LORA_TARGETS = {"StableDiffusion3Pipeline": ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                                             "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"],
+                "WanPipeline": ["to_q", "to_k", "to_v", "to_out.0"]}
+
+
+def makes_video(pipe) -> bool:
+    """A video pipeline (Wan) decodes through a video_processor, an image pipeline (SD3) through an image_processor."""
+    return hasattr(pipe, "video_processor")
 
 
 def load_pipeline(args: Args, device: torch.device):
-    """An SD3-family pipeline from the Hub or a folder, every weight in the --mixed-precision dtype; the
-    embedded tiny model is loaded exactly the way an SD3.5 checkpoint is. T5 is not loaded at max length 0."""
-    from diffusers import StableDiffusion3Pipeline
+    """The --model's pipeline from the Hub or a folder, every weight in the --mixed-precision dtype; the embedded tiny
+    model is loaded exactly the way an SD3.5 checkpoint is. T5 is not loaded at max length 0. Wan's VAE stays
+    float32, as Flow-GRPO keeps it; its scheduler gives only the sigmas (the sampler is ours), so a flow-matching
+    Euler scheduler with the checkpoint's shift takes the place of its UniPC solver."""
+    import diffusers
 
-    no_t5 = dict(text_encoder_3=None, tokenizer_3=None) if args.max_sequence_length == 0 else {}
-    dtype = FROZEN_DTYPES[args.mixed_precision]
-    load = lambda: StableDiffusion3Pipeline.from_pretrained(args.pretrained, dtype=dtype, **no_t5)  # noqa: E731
-    pipe = from_hub(args.pretrained, load)
+    pipeline, dtype = getattr(diffusers, PIPELINES[args.model]), FROZEN_DTYPES[args.mixed_precision]
+    no_t5 = dict(text_encoder_3=None, tokenizer_3=None) if args.max_sequence_length == 0 and not args.num_frames else {}
+    pipe = from_hub(args.pretrained, lambda: pipeline.from_pretrained(args.pretrained, dtype=dtype, **no_t5))
+    if makes_video(pipe):
+        pipe.vae.float()
+        if not isinstance(pipe.scheduler, diffusers.FlowMatchEulerDiscreteScheduler):
+            pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=pipe.scheduler.config.flow_shift)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -498,8 +546,9 @@ def make_trainable(transformer, args: Args):
         return reference
     from peft import LoraConfig
 
+    targets = LORA_TARGETS[PIPELINES[args.model]]
     transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
-                                       init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+                                       init_lora_weights="gaussian", target_modules=targets))
     for parameter in transformer.parameters():
         if parameter.requires_grad:  # the adapters: fp32 even when the base weights are bf16
             parameter.data = parameter.data.float()
@@ -523,12 +572,18 @@ def as_reference(transformer, reference):
 @torch.no_grad()
 def embed_prompts(pipe, prompts: list[str], max_sequence_length: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Text embeddings of every prompt, computed once and kept on the CPU: prompt -> (embeds (L, D), pooled (D',)).
-    '' is the unconditional prompt used by guidance. L = 77 CLIP tokens + max_sequence_length T5 tokens."""
+    '' is the unconditional prompt used by guidance. SD3: L = 77 CLIP tokens + max_sequence_length T5 tokens; Wan:
+    max_sequence_length UMT5 tokens, and no pooled embedding (D' = 0, so that one code path serves both)."""
     table = {}
     for start in range(0, len(prompts), 64):
         chunk = prompts[start : start + 64]
-        embeds, _, pooled, _ = pipe.encode_prompt(chunk, None, None, do_classifier_free_guidance=False,
-                                                  max_sequence_length=max_sequence_length)
+        if makes_video(pipe):
+            embeds = pipe.encode_prompt(chunk, do_classifier_free_guidance=False,
+                                        max_sequence_length=max_sequence_length)[0]
+            pooled = embeds.new_zeros(len(chunk), 0)
+        else:
+            embeds, _, pooled, _ = pipe.encode_prompt(chunk, None, None, do_classifier_free_guidance=False,
+                                                      max_sequence_length=max_sequence_length)
         table.update({p: (e.cpu(), q.cpu()) for p, e, q in zip(chunk, embeds, pooled)})
     return table
 
@@ -544,7 +599,7 @@ def noise_schedule(pipe, num_steps: int, device) -> torch.Tensor:
 class Model:
     """The policy and what every stage needs to run it: the pipeline (VAE, image processor), the transformer
     being trained, its KL reference, the prompt embeddings table (CPU; "" is the unconditional prompt), the
-    training sigmas (K + 1,), the latent shape (C, H, W) and the device."""
+    training sigmas (K + 1,), the latent shape ((C, H, W), a video's (C, F, H, W)) and the device."""
 
     pipe: object
     transformer: torch.nn.Module
@@ -571,24 +626,29 @@ def load_model(args: Args, device: torch.device, prompts: list[str]) -> Model:
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    side = args.resolution // pipe.vae_scale_factor  # latents are (C, side, side)
-    return Model(pipe, pipe.transformer, reference, table, noise_schedule(pipe, args.num_steps, device),
-                 (pipe.transformer.config.in_channels, side, side), device, tuple(t.to(device) for t in table[""]))
+    factor = getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor
+    frames = ((args.num_frames - 1) // pipe.vae_scale_factor_temporal + 1,) if makes_video(pipe) else ()  # 4 in 1
+    side = (args.resolution // factor, (args.width or args.resolution) // factor)
+    shape = (pipe.transformer.config.in_channels, *frames, *side)
+    return Model(pipe, pipe.transformer, reference, table, noise_schedule(pipe, args.num_steps, device), shape, device,
+                 tuple(t.to(device) for t in table[""]))
 
 
 def predict_velocity(transformer, x, sigma, embeds, pooled, guidance_scale, uncond=None):
-    """v_theta(x, sigma, c), (B, C, H, W). With guidance > 1, one batched pass over conditional and
+    """v_theta(x, sigma, c), shaped as x. With guidance > 1, one batched pass over conditional and
     unconditional inputs, v = v_u + g (v_c - v_u); uncond = (embeds, pooled) of the empty prompt."""
     timestep = torch.as_tensor(sigma * 1000.0, device=x.device, dtype=torch.float32).expand(len(x))
     x, embeds, pooled = x.to(transformer.dtype), embeds.to(transformer.dtype), pooled.to(transformer.dtype)
+
+    def run(x, timestep, embeds, pooled):  # Wan takes no pooled embedding (its width is 0)
+        extra = {"pooled_projections": pooled} if pooled.shape[-1] else {}
+        return transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds, **extra).sample
+
     if guidance_scale == 1.0:
-        return transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
-                           pooled_projections=pooled).sample
+        return run(x, timestep, embeds, pooled)
     u_embeds, u_pooled = (t.to(transformer.dtype).expand(len(x), *t.shape) for t in uncond)
-    v_uncond, v_cond = transformer(
-        hidden_states=torch.cat([x, x]), timestep=torch.cat([timestep, timestep]),
-        encoder_hidden_states=torch.cat([u_embeds, embeds]), pooled_projections=torch.cat([u_pooled, pooled]),
-    ).sample.chunk(2)
+    v_uncond, v_cond = run(torch.cat([x, x]), torch.cat([timestep, timestep]), torch.cat([u_embeds, embeds]),
+                           torch.cat([u_pooled, pooled])).chunk(2)
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
@@ -635,27 +695,33 @@ def sample_trajectories(model: Model, start, sigmas, first_step, prompts, noise_
 
 
 @torch.no_grad()
-def decode(pipe, latents: torch.Tensor, micro_batch: int = 0) -> list[Image.Image]:
-    """Final latents (B, C, H, W) -> PIL images through the VAE, undoing the latent shift and scale; micro_batch
-    latents at a time (0 = all)."""
+def decode(pipe, latents: torch.Tensor, micro_batch: int = 0) -> list:
+    """Final latents -> PIL images, or videos as lists of PIL frames, through the VAE, undoing the latents'
+    normalisation (SD3: a shift and scale; Wan: a mean and std per channel); micro_batch latents at a time (0 = all)."""
     config, images = pipe.vae.config, []
     for chunk in latents.split(micro_batch or len(latents)):
-        pixels = pipe.vae.decode(chunk.to(pipe.vae.dtype) / config.scaling_factor + config.shift_factor).sample
-        images += pipe.image_processor.postprocess(pixels.float(), output_type="pil")
+        if makes_video(pipe):
+            mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1).to(chunk) for v in (config.latents_mean,
+                                                                                    config.latents_std))
+            pixels = pipe.vae.decode((chunk * std + mean).to(pipe.vae.dtype)).sample
+            images += pipe.video_processor.postprocess_video(pixels.float(), output_type="pil")
+        else:
+            pixels = pipe.vae.decode(chunk.to(pipe.vae.dtype) / config.scaling_factor + config.shift_factor).sample
+            images += pipe.image_processor.postprocess(pixels.float(), output_type="pil")
     return images
 
 
 def save_weights(transformer, args: Args, folder: str) -> None:
-    """LoRA: diffusers' LoRA format, which StableDiffusion3Pipeline.load_lora_weights(folder) reads (with its
-    rank and alpha); full fine-tuning: the transformer in diffusers format."""
+    """LoRA: diffusers' LoRA format, which the pipeline's load_lora_weights(folder) reads (with its rank and alpha);
+    full fine-tuning: the transformer in diffusers format."""
     if not args.lora_rank:
         return transformer.save_pretrained(folder)
-    from diffusers import StableDiffusion3Pipeline
+    import diffusers
     from peft.utils import get_peft_model_state_dict
 
     metadata = transformer.peft_config["default"].to_dict()  # rank and alpha, read back by load_lora_weights
-    StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer),
-                                               transformer_lora_adapter_metadata=metadata)
+    getattr(diffusers, PIPELINES[args.model]).save_lora_weights(folder, get_peft_model_state_dict(transformer),
+                                                                transformer_lora_adapter_metadata=metadata)
 
 
 # =========================================================================================================
@@ -991,7 +1057,7 @@ def evaluate(model: Model, args: Args, sets: dict, mix: dict | None, eval_sigmas
             latents, _ = sample_trajectories(model, noise, eval_sigmas, 0, chunk, 0, args.guidance_scale,
                                              args.micro_batch)
             images += decode(model.pipe, latents[:, -1], args.micro_batch)
-        images_by_set[name] = images
+        images_by_set[name] = [v[len(v) // 2] if isinstance(v, list) else v for v in images]  # videos: middle frames
         if uses_toy_world(args):
             strict, dense = toy_world.score_by_family(prompts, images)
         else:

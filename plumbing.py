@@ -73,8 +73,13 @@ def check_settings(args, embedded: str) -> list[str]:
         problems.append(f"--sde-window-range must hold the window of {args.sde_window} steps within [0, {K}], got "
                         f"{low} {high}")
     multiple, largest, why = image_sides(args.pretrained)
-    if not multiple <= args.resolution <= largest or args.resolution % multiple:
-        problems.append(f"--resolution must be a multiple of {multiple} ({why}), got {args.resolution}")
+    for f, side in (("resolution", args.resolution), ("width", args.width)):
+        if side is not None and (not multiple <= side <= largest or side % multiple):
+            problems.append(f"{flag(f)} must be a multiple of {multiple} ({why}), got {side}")
+    video = args.model == "wan"
+    if (args.num_frames is not None) != video or video and not (args.num_frames >= 1 and args.num_frames % 4 == 1):
+        problems.append(f"--num-frames must be 4 n + 1 (the VAE packs 4 frames into one after the first) for a video "
+                        f"--model, and unset for an image one; got {args.num_frames} with --model {args.model}")
     if args.prompt_file is not None:
         try:
             prompts = read_prompts(args.prompt_file) or "no prompts in it (one per line; blank and # lines are skipped)"
@@ -149,7 +154,8 @@ def image_sides(pretrained: str) -> tuple[int, float, str]:
 
 
 CHECKPOINT = "checkpoint.pt"  # in --output-dir: everything needed to continue the run exactly (see RunState)
-STRUCTURAL_FLAGS = ("model", "num_steps", "lora_rank", "resolution")  # the weights and stored trajectories need them
+# the weights and the stored trajectories need these unchanged on resume
+STRUCTURAL_FLAGS = ("model", "num_steps", "lora_rank", "resolution", "width", "num_frames")
 
 
 def same_folder(a: str, b: str) -> bool:

@@ -189,6 +189,21 @@ def test_sd3_presets_match_flow_grpo_pickscore_config():
     assert ours == flow_grpo  # train_steps: int(timestep_fraction 0.99 x 10); 2 updates: accumulation over half
 
 
+def test_wan_presets_match_flow_grpo_wan_config():
+    """Flow-GRPO's general_ocr_wan2_1 (config/grpo.py over base.get_config) and its train_wan2_1.py, transcribed: the
+    KL is the exact one there (its penalty divides by (s_sigma sqrt|dt|)^2); 2 optimizer steps per epoch of 2
+    sampling batches. What differs (batch, EMA, its per-step loss scale s_sigma / sqrt|dt|) is in the README."""
+    flow_grpo = dict(num_steps=20, eval_steps=50, guidance_scale=4.5, resolution=240, width=416, num_frames=33,
+                     group_size=4, noise_level=0.7, learning_rate=1e-4, clip_range=1e-3, adv_clip=5.0, kl_beta=0.004,
+                     kl_form="exact", max_grad_norm=1.0, lora_rank=32, lora_alpha=64, updates_per_batch=2,
+                     train_steps=19, max_sequence_length=512, mixed_precision="bf16", reward_every=4)
+    wan = op_grpo.with_presets(Args(model="wan"))
+    ours = {k: getattr(wan, k) for k in flow_grpo}
+    ours.update(lora_alpha=wan.lora_alpha or 2 * wan.lora_rank, train_steps=wan.train_steps or wan.num_steps - 1)
+    assert ours == flow_grpo and wan.pretrained == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    check_args(Args(model="wan"))  # the preset passes its own checks
+
+
 def test_group_advantages_closed_form():
     rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0], [0.0, 1.0, 0.0, 1.0]])
     adv = group_advantages(rewards)
@@ -509,6 +524,9 @@ def test_cli_parses_the_documented_flags():
         (["--sde-window", "11"], "--sde-window"),
         (["--sde-window", "3", "--sde-window-range", "0", "2"], "--sde-window-range"),
         (["--sde-window", "3", "--sde-window-range", "8", "12"], "--sde-window-range"),
+        (["--width", "40"], "--width"),
+        (["--num-frames", "9"], "--num-frames"),  # an image model makes no video
+        (["--model", "wan", "--num-frames", "8"], "--num-frames"),
     ],
 )
 def test_impossible_settings_are_rejected_with_the_flag_named_and_only_the_root_error(flags, flag_named):
@@ -1558,3 +1576,133 @@ def test_profile_runs_op_grpo_sd3_end_to_end_on_the_reduced_build(reduced_pipeli
               for p in results["overhead"]["passes"]}
     assert passes == {(2, False, False): 4, (1, False, False): 4 + 7, (2, True, False): 4, (1, True, False): 2,
                       (2, False, True): 4, (1, False, True): 2}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Video: --model wan on a tiny random-weight Wan2.1 pipeline built here (diffusers' own test sizes), offline
+# ---------------------------------------------------------------------------------------------------------
+WAN_WORDS = "a red blue green circle square triangle moving left right up down and apart together".split()
+
+
+def build_tiny_wan(folder: str) -> None:
+    """A WanPipeline with random weights at diffusers' test sizes (2 layers, 2 heads of 12, a 3-channel base VAE),
+    a UMT5 text encoder of width 32 and a T5 tokenizer made in memory, saved with the UniPC flow scheduler that
+    Wan2.1-T2V-1.3B ships (shift 3)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WAN_WORDS]
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=32, num_layers=2,
+                                               num_heads=4, relative_attention_num_buckets=8))
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    scheduler = UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    WanPipeline(tokenizer=T5Tokenizer(vocab=vocab), text_encoder=text_encoder, transformer=transformer, vae=vae,
+                scheduler=scheduler).save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_wan(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("wan") / "pipeline")
+    build_tiny_wan(folder)
+    return folder
+
+
+def wan_args(folder, tmp_path, **overrides):
+    """--model wan pointed at the tiny pipeline: 16 x 32 frames, 9 of them (3 latent frames), LoRA rank 4."""
+    os.makedirs(tmp_path, exist_ok=True)
+    prompts = tmp_path / "video_prompts.txt"
+    prompts.write_text("a red circle moving left\na blue square moving up\na green triangle and a red square apart\n")
+    settings = dict(model="wan", pretrained=folder, resolution=16, width=32, num_frames=9, max_sequence_length=8,
+                    mixed_precision="no", lora_rank=4, micro_batch=0, num_steps=6, prompt_file=str(prompts),
+                    reward="jpeg", iterations=4, prompts_per_iteration=2, group_size=2, off_policy_fraction=0.5,
+                    truncate_steps=2, guidance_scale=2.0, eval_every=2, eval_per_family=2, eval_steps=4,
+                    checkpoint_every=0, output_dir=str(tmp_path / "run"), seed=0)
+    return op_grpo.with_presets(Args(**{**settings, **overrides}))
+
+
+def test_the_step_log_prob_on_video_latents_is_the_gaussian_density():
+    g = torch.Generator().manual_seed(2)
+    x, v = torch.randn(3, 16, 3, 2, 4, generator=g), torch.randn(3, 16, 3, 2, 4, generator=g)  # (B, C, F, H, W)
+    sigma, sigma_next = torch.tensor([0.9, 0.6, 0.3]), torch.tensor([0.8, 0.5, 0.1])
+    prev, log_prob, mean, std = sde_step_with_logprob(v, x, sigma, sigma_next, 0.7, generator=g)
+    assert prev.shape == x.shape and std.shape == (3, 1, 1, 1, 1)
+    for i in range(3):
+        s, dt = 0.7 * math.sqrt(sigma[i] / (1 - sigma[i])), (sigma_next[i] - sigma[i]).item()
+        mu = x[i] + (v[i] + s**2 / (2 * sigma[i]) * (x[i] + (1 - sigma[i]) * v[i])) * dt
+        torch.testing.assert_close(mean[i], mu)
+        expected = torch.distributions.Normal(mu, s * math.sqrt(-dt)).log_prob(prev[i]).mean()
+        torch.testing.assert_close(log_prob[i], expected, rtol=1e-5, atol=1e-5)
+    kl = op_grpo.gaussian_kl(mean, mean + 0.1, std)  # the KL per step on 5-D latents, against its closed form
+    torch.testing.assert_close(kl, 0.01 / (2 * std.flatten() ** 2))
+
+
+def test_an_image_reward_scores_a_video_by_its_mean_over_every_nth_frame(monkeypatch):
+    def brightness(images, prompts):  # an image reward: each frame's red value
+        return torch.tensor([float(image.getpixel((0, 0))[0]) for image in images])
+
+    videos = [[Image.new("RGB", (4, 4), (10 * f + 100 * v, 0, 0)) for f in range(9)] for v in range(2)]
+    monkeypatch.setitem(op_grpo.REWARDS, "brightness", brightness)
+    reward = op_grpo.weighted_reward({"brightness": 2.0}, every=4)  # frames 0, 4, 8: red 0, 40, 80 (+100 v)
+    torch.testing.assert_close(reward(videos, ["p", "q"]), 2.0 * torch.tensor([40.0, 140.0]))
+    monkeypatch.setitem(op_grpo.REWARDS, "frames", lambda videos, prompts: torch.tensor([len(v) for v in videos]))
+    monkeypatch.setattr(op_grpo, "VIDEO_REWARDS", {"frames"})  # a reward of whole videos gets every frame
+    assert op_grpo.weighted_reward({"frames": 1.0}, every=4)(videos, ["p", "q"]).tolist() == [9.0, 9.0]
+
+
+def test_wan_sampler_is_the_stock_pipeline_with_its_flow_shift_as_an_euler_schedule(tiny_wan, tmp_path):
+    """ODE sampling and decoding here equal WanPipeline's own loop with a flow-matching Euler scheduler of the
+    checkpoint's shift (load_pipeline's replacement for its UniPC solver): the same frames from the same noise."""
+    args = wan_args(tiny_wan, tmp_path)
+    model = op_grpo.load_model(args, torch.device("cpu"), ["a red circle moving left"])
+    assert model.shape == (16, 3, 2, 4) and isinstance(model.pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    expected = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    expected.set_timesteps(6)
+    torch.testing.assert_close(model.sigmas, expected.sigmas.float())
+    noise = torch.randn((1, *model.shape), generator=torch.Generator().manual_seed(0))
+    latents, log_probs = op_grpo.sample_trajectories(model, noise, model.sigmas, 0, ["a red circle moving left"], 0.0,
+                                                     2.0)
+    assert latents.shape == (1, 7, 16, 3, 2, 4) and torch.isnan(log_probs).all()
+    ours = op_grpo.decode(model.pipe, latents[:, -1])[0]
+    stock = op_grpo.load_pipeline(args, torch.device("cpu"))
+    frames = stock(prompt="a red circle moving left", negative_prompt="", height=16, width=32, num_frames=9,
+                   num_inference_steps=6, guidance_scale=2.0, latents=noise, max_sequence_length=8,
+                   output_type="np").frames[0]
+    assert len(ours) == 9 and ours[0].size == (32, 16)
+    np.testing.assert_allclose(np.stack([np.asarray(f) for f in ours]), np.round(frames * 255), atol=1)
+
+
+def test_wan_run_replays_truncates_resumes_exactly_and_saves_a_lora_that_wan_pipeline_loads(tiny_wan, tmp_path):
+    from diffusers import WanPipeline
+
+    straight = op_grpo.main(wan_args(tiny_wan, tmp_path / "a"))
+    assert any(r["replayed_groups"] for r in straight) and all(math.isfinite(r["loss"]) for r in straight)
+    assert "is_weight_mean" in straight[-1] and len(straight[-1]["log_ratio_old_behavior_per_step"]) == 6
+    op_grpo.main(wan_args(tiny_wan, tmp_path / "b", iterations=2))
+    resumed = op_grpo.main(op_grpo.parse_cli(["--resume", str(tmp_path / "b" / "run"), "--iterations", "4"]))
+    assert without_timings(resumed) == without_timings(straight)
+
+    args = wan_args(tiny_wan, tmp_path / "a")
+    saved = torch.load(tmp_path / "a" / "run" / plumbing.CHECKPOINT, weights_only=True)
+    trained = op_grpo.load_pipeline(args, torch.device("cpu"))
+    op_grpo.make_trainable(trained.transformer, args)
+    trained.transformer.load_state_dict(saved["trainable"], strict=False)
+    loaded = WanPipeline.from_pretrained(tiny_wan)
+    loaded.load_lora_weights(str(tmp_path / "a" / "run" / "lora"))  # the stock diffusers loader
+    base = WanPipeline.from_pretrained(tiny_wan)
+    x = torch.randn((2, 16, 3, 2, 4), generator=torch.Generator().manual_seed(1))
+    embeds = op_grpo.embed_prompts(base, ["a red circle moving left", "a blue square moving up"], 8)
+    cond = [torch.stack([embeds[p][i] for p in embeds]) for i in (0, 1)]
+    with torch.no_grad():
+        v_trained, v_loaded, v_base = (op_grpo.predict_velocity(p.transformer, x, 0.5, *cond, 1.0)
+                                       for p in (trained, loaded, base))
+    torch.testing.assert_close(v_loaded, v_trained, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(v_trained, v_base, atol=1e-7)  # training moved the adapters
+    adapted = {n.split(".lora_")[0] for n, p in trained.transformer.named_parameters() if p.requires_grad}
+    assert adapted == {f"blocks.{b}.{a}.{t}" for b in (0, 1) for a in ("attn1", "attn2")
+                       for t in ("to_q", "to_k", "to_v", "to_out.0")}
