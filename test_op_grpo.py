@@ -1706,3 +1706,57 @@ def test_wan_run_replays_truncates_resumes_exactly_and_saves_a_lora_that_wan_pip
     adapted = {n.split(".lora_")[0] for n, p in trained.transformer.named_parameters() if p.requires_grad}
     assert adapted == {f"blocks.{b}.{a}.{t}" for b in (0, 1) for a in ("attn1", "attn2")
                        for t in ("to_q", "to_k", "to_v", "to_out.0")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The toy video world: prompts, renderer, verifier of motion, and the tiny Wan build
+# ---------------------------------------------------------------------------------------------------------
+def test_video_world_prompts_split_and_vocabulary():
+    import toy_video
+
+    specs = toy_video.all_specs()
+    assert len(specs) == 48 + 108 and len({toy_video.describe(s) for s in specs}) == len(specs)
+    train, held_out = toy_video.split_specs()
+    assert len(held_out) == round(0.2 * 48) + round(0.2 * 108) and not set(train) & set(held_out)
+    assert toy_video.describe(specs[0]) == "a red circle moving left"
+    longest = max(len(toy_video.describe(s).split()) for s in specs)
+    assert longest + 1 == toy_video.TOKENS  # every word is one token, plus </s>
+    tokenizer = toy_video.build_tokenizer()
+    ids = tokenizer("a blue square and a green triangle moving apart").input_ids
+    assert len(ids) == toy_video.TOKENS and tokenizer.unk_token_id not in ids
+
+
+def test_video_verifier_passes_ground_truth_and_fails_wrong_static_and_reversed_motion():
+    import toy_video
+
+    rng = random.Random(0)
+    for spec in toy_video.all_specs():
+        video = toy_video.render(spec, rng)
+        assert len(video) == toy_video.FRAMES and video[0].size == (toy_video.SIZE, toy_video.SIZE)
+        assert toy_video.score(spec, video) == (1.0, 1.0), toy_video.describe(spec)
+        assert toy_video.score(spec, video[::-1])[0] == 0.0  # played backwards: the opposite motion
+        assert toy_video.score(spec, [video[0]] * len(video))[0] == 0.0  # standing still
+        for other in (s for s in toy_video.all_specs() if s.objects == spec.objects and s.motion != spec.motion):
+            assert toy_video.requirements(other, video)["motion"] == 0.0
+    # dense partial credit: present, circle, nothing else, but the wrong motion -> 3 of 4 requirements
+    spec = toy_video.SPEC_BY_PROMPT["a red circle moving left"]
+    right = toy_video.render(toy_video.SPEC_BY_PROMPT["a red circle moving right"], rng)
+    assert toy_video.score(spec, right) == (0.0, 0.75)
+    assert toy_video.motion_reward([right], ["a red circle moving left"]).tolist() == [0.75]
+    with pytest.raises(ValueError, match="not a prompt of the toy video world"):
+        toy_video.score_prompt("a purple circle moving left", right)
+
+
+def test_video_build_runs_end_to_end_and_loads_with_the_stock_wan_pipeline(tmp_path):
+    import toy_video
+    from diffusers import WanPipeline
+
+    args = toy_video.BuildArgs(output_dir=str(tmp_path / "tiny_wan"), num_videos=96, vae_steps=2,
+                               transformer_steps=2, eval_per_family=2, threads=1)
+    report = toy_video.build(args)
+    assert set(report["held_out"]) == {"motion", "pair", "mix"} and report["parameters"]["transformer"] > 0
+    pipe = WanPipeline.from_pretrained(args.output_dir, local_files_only=True)
+    assert pipe.vae.config.latents_std != [1.0] * 4  # the fitted normalisation was saved
+    frames = pipe("a red circle moving left", num_inference_steps=2, guidance_scale=1.0, height=32, width=32,
+                  num_frames=9, max_sequence_length=toy_video.TOKENS).frames[0]
+    assert len(frames) == 9 and os.path.exists(os.path.join(args.output_dir, "base_samples.png"))
