@@ -14,6 +14,7 @@ late steps cut off and regenerated, its surrogate loss multiplied by a sequence-
   python op_grpo.py --off-policy-fraction 0  # the same run as plain on-policy Flow-GRPO
   python op_grpo.py --model sd3              # Stable Diffusion 3.5 Medium with LoRA and PickScore, one GPU
   python op_grpo.py --model wan              # Wan2.1-T2V-1.3B video, PickScore on every 4th frame, one GPU
+  python op_grpo.py --model tiny-video       # embedded tiny Wan on the toy video world (moving shapes), CPU
 
 Reading order: Args -> pure math -> replay buffer -> rewards -> model helpers -> the stages of one iteration ->
 main() -> evaluation -> the command line. What does not change what is computed (argument checks, processes, NaN
@@ -53,6 +54,7 @@ import torch
 from PIL import Image
 
 import plumbing
+import toy_video
 import toy_world
 from plumbing import NonFiniteError, UsageError, from_hub, require_finite, timed
 
@@ -64,9 +66,9 @@ class Args:
     """OP-GRPO fine-tuning of an SD3-family pipeline. A flag left at None takes its --model preset (PRESETS below)."""
 
     # --- model, prompts and reward
-    model: Literal["tiny", "sd3", "wan"] = "tiny"
+    model: Literal["tiny", "sd3", "wan", "tiny-video"] = "tiny"
     """tiny: the embedded toy-world SD3 in tiny_sd3/ (CPU, offline, ~9 min); sd3: Stable Diffusion 3.5 Medium; wan:
-    Wan2.1-T2V-1.3B, text to video"""
+    Wan2.1-T2V-1.3B, text to video; tiny-video: the embedded toy-video-world Wan in tiny_wan/ (CPU, offline)"""
     pretrained: str | None = None
     """Hub id or folder of the --model's pipeline (tiny: ./tiny_sd3, sd3: stabilityai/stable-diffusion-3.5-medium,
     wan: Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"""
@@ -208,6 +210,11 @@ PRESETS = {
                 iterations=500, prompts_per_iteration=4, group_size=4, num_steps=20, guidance_scale=4.5,
                 learning_rate=1e-4, clip_range=1e-3, kl_beta=0.004, eval_every=50, eval_per_family=16, eval_steps=50,
                 checkpoint_every=25, kl_form="exact"),
+    "tiny-video": dict(pretrained=os.path.join(HERE, "tiny_wan"), reward="motion", resolution=toy_video.SIZE,
+                       num_frames=toy_video.FRAMES, max_sequence_length=toy_video.TOKENS, lora_rank=0,
+                       mixed_precision="no", micro_batch=0, iterations=200, prompts_per_iteration=8, group_size=8,
+                       num_steps=10, guidance_scale=1.0, learning_rate=1e-4, clip_range=2e-3, kl_beta=0.01,
+                       eval_every=50, eval_per_family=64, eval_steps=10, checkpoint_every=50, kl_form="exact"),
 }
 
 
@@ -428,10 +435,13 @@ def pickscore_reward(images: list[Image.Image], prompts: list[str]) -> torch.Ten
 
 
 REWARDS = {"geneval": toy_world.geneval_reward, "geneval_strict": toy_world.geneval_strict_reward,
+           "motion": toy_video.motion_reward, "motion_strict": toy_video.motion_strict_reward,
            "jpeg": jpeg_reward, "pickscore": pickscore_reward}
+WORLDS = {"tiny": toy_world, "tiny-video": toy_video}  # the embedded models' worlds, and their own rewards:
+WORLD_REWARDS = {"geneval": "tiny", "geneval_strict": "tiny", "motion": "tiny-video", "motion_strict": "tiny-video"}
 
 
-VIDEO_REWARDS: set[str] = set()  # names in REWARDS whose function scores whole videos (lists of frames) itself
+VIDEO_REWARDS = {"motion", "motion_strict"}  # names in REWARDS whose function scores whole videos (lists of frames)
 
 
 def on_frames(reward, every: int):
@@ -491,9 +501,10 @@ def load_reward(args: Args, device: torch.device):
     return weighted_reward(weights, args.reward_every if args.num_frames else None)
 
 
-def uses_toy_world(args: Args) -> bool:
-    """The toy GenEval world supplies prompts, held-out split and strict evaluation for the tiny model by default."""
-    return args.model == "tiny" and args.prompt_file is None
+def world_of(args: Args):
+    """The toy world (toy_world, images; toy_video, videos) that supplies prompts, held-out split and strict
+    evaluation to an embedded model unless --prompt-file is given; None otherwise."""
+    return WORLDS.get(args.model) if args.prompt_file is None else None
 
 
 # =========================================================================================================
@@ -507,7 +518,8 @@ FROZEN_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 # to_add_out); SD3.5's image-only `attn2` (MMDiT-X) is not matched by "attn.to_q" and stays frozen, as in
 # Flow-GRPO. Wan: the self- and cross-attention projections of every block (attn1, attn2), Flow-GRPO's Wan list
 # less its add_k/v_proj, which exist only in the image-to-video model. Feed-forward and modulation layers stay frozen.
-PIPELINES = {"tiny": "StableDiffusion3Pipeline", "sd3": "StableDiffusion3Pipeline", "wan": "WanPipeline"}
+PIPELINES = {"tiny": "StableDiffusion3Pipeline", "sd3": "StableDiffusion3Pipeline", "wan": "WanPipeline",
+             "tiny-video": "WanPipeline"}
 LORA_TARGETS = {"StableDiffusion3Pipeline": ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                                              "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"],
                 "WanPipeline": ["to_q", "to_k", "to_v", "to_out.0"]}
@@ -931,7 +943,7 @@ def main(args: Args) -> list[dict]:
     say(plumbing.batch_arithmetic(args, processes.world))
 
     # ---- Prompts, model, reward, optimizer, buffer
-    train_prompts, sets, draw_prompts, mix = plumbing.prompt_sets(args, uses_toy_world(args), rng)
+    train_prompts, sets, draw_prompts, mix = plumbing.prompt_sets(args, world_of(args), rng)
     model = load_model(args, device, train_prompts + [p for v in sets.values() for p in v])
     reward_fn = load_reward(args, device)
     trainable = [p for p in model.transformer.parameters() if p.requires_grad]
@@ -1013,7 +1025,7 @@ def main(args: Args) -> list[dict]:
                 with plumbing.unless_stopped_now(), timed(row, "eval"):
                     metrics, images, outcomes = evaluate(model, args, sets, mix, eval_sigmas, reward_fn)
                 row.update(metrics)
-                change = toy_world.paired_change(state.baseline["outcomes"], outcomes, mix)
+                change = toy_world.paired_change(state.baseline["outcomes"], outcomes, mix)  # any world's
                 row["eval_change"], row["eval_change_se"] = change
         elif iteration == 0:
             row.update(state.baseline["metrics"])  # the evaluation before the first update, logged with iteration 0
@@ -1031,7 +1043,8 @@ def main(args: Args) -> list[dict]:
     state.save(args.iterations)  # lets --resume with a higher --iterations train on
     logger.close()
     if processes.main:  # before/after scores, the grid (toy world: with strict scores), the fine-tuned weights
-        score = (lambda prompt, image: toy_world.score_prompt(prompt, image)[0]) if uses_toy_world(args) else None
+        images_scored = world_of(args) is toy_world  # a video's grid cell is its middle frame: not scored alone
+        score = (lambda prompt, image: toy_world.score_prompt(prompt, image)[0]) if images_scored else None
         plumbing.report_results(args, state, sets, images, logger, score,
                                 lambda folder: save_weights(model.transformer, args, folder))
     return state.history
@@ -1058,8 +1071,8 @@ def evaluate(model: Model, args: Args, sets: dict, mix: dict | None, eval_sigmas
                                              args.micro_batch)
             images += decode(model.pipe, latents[:, -1], args.micro_batch)
         images_by_set[name] = [v[len(v) // 2] if isinstance(v, list) else v for v in images]  # videos: middle frames
-        if uses_toy_world(args):
-            strict, dense = toy_world.score_by_family(prompts, images)
+        if world_of(args):
+            strict, dense = world_of(args).score_by_family(prompts, images)
         else:
             strict = dense = {"all": compute_rewards(reward_fn, args.reward, images, prompts).tolist()}
         outcomes[name] = strict
@@ -1077,14 +1090,17 @@ def evaluate(model: Model, args: Args, sets: dict, mix: dict | None, eval_sigmas
 def check_args(args: Args) -> None:
     """Reject impossible settings before anything is loaded, each message naming its flag (a UsageError)."""
     args = with_presets(args)
-    problems = plumbing.check_settings(args, embedded=PRESETS["tiny"]["pretrained"])
-    if args.toy_prompts is not None and not uses_toy_world(args):
-        problems.append("--toy-prompts narrows the toy world's prompts: use it with --model tiny and no --prompt-file")
+    builds = {PRESETS[model]["pretrained"]: f"python {world.__name__}.py" for model, world in WORLDS.items()}
+    problems = plumbing.check_settings(args, world_of(args), builds)
+    if args.toy_prompts is not None and not world_of(args):
+        problems.append("--toy-prompts narrows a toy world's prompts: use it with --model tiny or tiny-video and no "
+                        "--prompt-file")
     try:
-        toy_reward = any(name.startswith("geneval") for name in parse_reward(args.reward))
-        if toy_reward and not uses_toy_world(args) and not any(p.startswith("--prompt-file") for p in problems):
-            problems.append(f"--reward {args.reward} scores the toy world's prompts: use it with --model tiny and no "
-                            "--prompt-file")
+        rewards = parse_reward(args.reward)
+        foreign = [n for n in rewards if n in WORLD_REWARDS and WORLDS[WORLD_REWARDS[n]] is not world_of(args)]
+        if foreign and not any(p.startswith("--prompt-file") for p in problems):
+            problems.append(f"--reward {args.reward} scores the toy world's prompts: use it with --model "
+                            f"{WORLD_REWARDS[foreign[0]]} and no --prompt-file")
     except ValueError as error:
         problems.append(str(error))
     if problems:

@@ -26,8 +26,6 @@ import tyro
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-import toy_world
-
 
 class UsageError(ValueError):
     """A problem the user can fix (a flag, a file, a model that cannot be fetched): one `op_grpo.py: error:` line."""
@@ -51,8 +49,9 @@ LIMITS = [
 ]
 
 
-def check_settings(args, embedded: str) -> list[str]:
-    """What is wrong with the settings (presets applied), each naming its flag; embedded: the tiny model's folder."""
+def check_settings(args, toy, builds: dict[str, str]) -> list[str]:
+    """What is wrong with the settings (presets applied), each naming its flag; toy: the toy world module in use
+    (or None); builds: the embedded models' folders -> the command that builds each."""
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     wrong = [(f, rule) for f, rule, ok in LIMITS if not ok(getattr(args, f))]
     problems, wrong = [f"{flag(f)} must be {rule}, got {getattr(args, f)}" for f, rule in wrong], {f for f, _ in wrong}
@@ -76,7 +75,7 @@ def check_settings(args, embedded: str) -> list[str]:
     for f, side in (("resolution", args.resolution), ("width", args.width)):
         if side is not None and (not multiple <= side <= largest or side % multiple):
             problems.append(f"{flag(f)} must be a multiple of {multiple} ({why}), got {side}")
-    video = args.model == "wan"
+    video = args.model in ("wan", "tiny-video")
     if (args.num_frames is not None) != video or video and not (args.num_frames >= 1 and args.num_frames % 4 == 1):
         problems.append(f"--num-frames must be 4 n + 1 (the VAE packs 4 frames into one after the first) for a video "
                         f"--model, and unset for an image one; got {args.num_frames} with --model {args.model}")
@@ -87,11 +86,11 @@ def check_settings(args, embedded: str) -> list[str]:
             prompts = str(error)
         if isinstance(prompts, str):
             problems.append(f"--prompt-file {args.prompt_file} cannot be used: {prompts}")
-    if args.toy_prompts is not None:
-        problems += check_toy_prompts(args.toy_prompts)
+    if args.toy_prompts is not None and toy is not None:
+        problems += check_toy_prompts(args.toy_prompts, toy)
     if args.wandb_project and importlib.util.find_spec("wandb") is None:
         problems.append("--wandb-project needs the wandb package: pip install wandb")
-    return problems + check_device(args.device) + check_pretrained(args.pretrained, embedded) + check_folders(args)
+    return problems + check_device(args.device) + check_pretrained(args.pretrained, builds) + check_folders(args)
 
 
 def window_range(args) -> tuple[int, int]:
@@ -99,15 +98,15 @@ def window_range(args) -> tuple[int, int]:
     return args.sde_window_range or (0, args.num_steps // 2)
 
 
-def check_toy_prompts(path: str) -> list[str]:
+def check_toy_prompts(path: str, world) -> list[str]:
     """--toy-prompts: a readable file of the toy world's prompts, with training and held-out prompts among them."""
     try:
         prompts = set(read_prompts(path))
     except (OSError, UnicodeDecodeError) as error:
         return [f"--toy-prompts {path} cannot be read ({error})"]
-    if unknown := sorted(prompts - set(toy_world.SPEC_BY_PROMPT)):
+    if unknown := sorted(prompts - set(world.SPEC_BY_PROMPT)):
         return [f"--toy-prompts {path}: {len(unknown)} lines are not prompts of the toy world, e.g. {unknown[0]!r}"]
-    train, held_out = ({toy_world.describe(s) for s in specs} & prompts for specs in toy_world.split_specs())
+    train, held_out = ({world.describe(s) for s in specs} & prompts for specs in world.split_specs())
     if not train or not held_out:
         return [f"--toy-prompts {path} needs training and held-out prompts (has {len(train)} and {len(held_out)})"]
     return []
@@ -125,12 +124,13 @@ def check_device(name: str | None) -> list[str]:
     return []
 
 
-def check_pretrained(path: str, embedded: str) -> list[str]:
-    """--pretrained is a pipeline folder or looks like a Hub id (org/name): a mistyped folder is named here."""
+def check_pretrained(path: str, builds: dict[str, str]) -> list[str]:
+    """--pretrained is a pipeline folder or looks like a Hub id (org/name): a mistyped folder is named here; a missing
+    embedded model (a key of builds) with the command that builds it."""
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return []
-    if path == embedded:
-        return [f"the embedded model is missing from {path}; rebuild it with `python toy_world.py`"]
+    if path in builds:
+        return [f"the embedded model is missing from {path}; build it with `{builds[path]}`"]
     if os.path.exists(path):
         return [f"--pretrained {path} is not a diffusers pipeline folder (no model_index.json in it)"]
     if path.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
@@ -269,22 +269,23 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def prompt_sets(args, toy: bool, rng: random.Random):
+def prompt_sets(args, world, rng: random.Random):
     """(training prompts, evaluation sets name -> prompts, draw(n) -> n training prompts, family weights). The toy
     world: a family drawn by its weight, then a prompt of it; a held-out and a training evaluation set whose families
     are weighted alike (EVAL_MIX; with --toy-prompts each family's share of the band's training prompts, so that
-    draws are uniform over them). A prompt list: uniform draws, the list cycled for evaluation, no weights."""
-    if toy:
+    draws are uniform over them); world: toy_world or toy_video. A prompt list (world None): uniform draws, the list
+    cycled for evaluation, no weights."""
+    if world is not None:
         band = set(read_prompts(args.toy_prompts)) if args.toy_prompts else None
-        specs = [s for s in toy_world.split_specs()[0] if band is None or toy_world.describe(s) in band]
-        mix = toy_world.EVAL_MIX if band is None else {f: sum(s.family == f for s in specs) / len(specs)
-                                                       for f in toy_world.FAMILIES if any(s.family == f for s in specs)}
+        specs = [s for s in world.split_specs()[0] if band is None or world.describe(s) in band]
+        mix = world.EVAL_MIX if band is None else {f: sum(s.family == f for s in specs) / len(specs)
+                                                   for f in world.FAMILIES if any(s.family == f for s in specs)}
 
         def draw(n):
-            return [toy_world.describe(s) for s in toy_world.sample_specs(specs, mix, n, rng)]
+            return [world.describe(s) for s in world.sample_specs(specs, mix, n, rng)]
 
-        prompts = sorted({toy_world.describe(s) for s in specs})
-        return prompts, toy_world.eval_prompts(args.eval_per_family, band), draw, mix
+        prompts = sorted({world.describe(s) for s in specs})
+        return prompts, world.eval_prompts(args.eval_per_family, band), draw, mix
     prompts = read_prompts(args.prompt_file) if args.prompt_file else DEFAULT_PROMPTS
     sets = {"prompts": [prompts[i % len(prompts)] for i in range(args.eval_per_family)]}
     return prompts, sets, lambda n: [rng.choice(prompts) for _ in range(n)], None

@@ -696,14 +696,14 @@ def test_toy_prompts_narrow_training_draws_and_evaluation_to_a_band(tmp_path):
     path.write_text("\n".join(band) + "\n")
     args = op_grpo.with_presets(Args(toy_prompts=str(path), eval_per_family=4))
     check_args(dataclasses.replace(args, output_dir=str(tmp_path / "out")))
-    prompts, sets, draw, mix = plumbing.prompt_sets(args, True, random.Random(0))
+    prompts, sets, draw, mix = plumbing.prompt_sets(args, toy_world, random.Random(0))
     assert set(prompts) == set(band[:8]) and mix == {"counting": 0.75, "binding": 0.25}  # the band's shares
     draws = draw(8000)
     assert set(draws) == set(band[:8]) and max(abs(draws.count(p) / 8000 - 1 / 8) for p in band[:8]) < 0.02  # uniform
     assert set(sets["train"]) <= set(band[:8]) and set(sets["held_out"]) <= set(band[8:])
     assert len(sets["train"]) == 8 and len(sets["held_out"]) == 4 * len({toy_world.SPEC_BY_PROMPT[p].family
                                                                          for p in band[8:]})
-    default = plumbing.prompt_sets(op_grpo.with_presets(Args()), True, random.Random(0))
+    default = plumbing.prompt_sets(op_grpo.with_presets(Args()), toy_world, random.Random(0))
     assert default[1] == toy_world.eval_prompts(128) and default[3] is toy_world.EVAL_MIX  # the world's own
     path.write_text("a purple circle\n")
     with pytest.raises(plumbing.UsageError, match="--toy-prompts .* not prompts of the toy world"):
@@ -711,7 +711,7 @@ def test_toy_prompts_narrow_training_draws_and_evaluation_to_a_band(tmp_path):
     path.write_text(band[0] + "\n")
     with pytest.raises(plumbing.UsageError, match="needs training and held-out prompts"):
         check_args(Args(toy_prompts=str(path)))
-    with pytest.raises(plumbing.UsageError, match="--toy-prompts narrows the toy world"):
+    with pytest.raises(plumbing.UsageError, match="--toy-prompts narrows a toy world"):
         check_args(Args(toy_prompts=str(path), model="sd3"))
 
 
@@ -1747,16 +1747,45 @@ def test_video_verifier_passes_ground_truth_and_fails_wrong_static_and_reversed_
         toy_video.score_prompt("a purple circle moving left", right)
 
 
-def test_video_build_runs_end_to_end_and_loads_with_the_stock_wan_pipeline(tmp_path):
+@pytest.fixture(scope="module")
+def reduced_tiny_wan(tmp_path_factory):
+    """python toy_video.py in a reduced setting (96 videos, 2 steps of each training): (build args, report)."""
+    import toy_video
+
+    args = toy_video.BuildArgs(output_dir=str(tmp_path_factory.mktemp("video") / "tiny_wan"), num_videos=96,
+                               vae_steps=2, transformer_steps=2, eval_per_family=2, threads=1)
+    return args, toy_video.build(args)
+
+
+def test_video_build_runs_end_to_end_and_loads_with_the_stock_wan_pipeline(reduced_tiny_wan):
     import toy_video
     from diffusers import WanPipeline
 
-    args = toy_video.BuildArgs(output_dir=str(tmp_path / "tiny_wan"), num_videos=96, vae_steps=2,
-                               transformer_steps=2, eval_per_family=2, threads=1)
-    report = toy_video.build(args)
+    args, report = reduced_tiny_wan
     assert set(report["held_out"]) == {"motion", "pair", "mix"} and report["parameters"]["transformer"] > 0
     pipe = WanPipeline.from_pretrained(args.output_dir, local_files_only=True)
     assert pipe.vae.config.latents_std != [1.0] * 4  # the fitted normalisation was saved
     frames = pipe("a red circle moving left", num_inference_steps=2, guidance_scale=1.0, height=32, width=32,
                   num_frames=9, max_sequence_length=toy_video.TOKENS).frames[0]
     assert len(frames) == 9 and os.path.exists(os.path.join(args.output_dir, "base_samples.png"))
+
+
+def test_tiny_video_runs_the_whole_job_on_the_toy_video_world_with_replay(reduced_tiny_wan, tmp_path, monkeypatch):
+    import toy_video
+
+    args = Args(model="tiny-video", pretrained=reduced_tiny_wan[0].output_dir, iterations=3, prompts_per_iteration=2,
+                group_size=4, off_policy_fraction=0.5, eval_every=3, eval_per_family=2, output_dir=str(tmp_path))
+    rows = op_grpo.main(args)
+    assert any(r["replayed_groups"] for r in rows) and all(math.isfinite(r["loss"]) for r in rows)
+    assert {"eval/held_out/motion", "eval/held_out/pair", "eval/train/motion", "eval/train/pair"} <= set(rows[-1])
+    assert all(0 <= rows[-1][f"eval/{s}"] <= 1 for s in ("held_out", "train"))
+    sets = toy_video.eval_prompts(2)
+    assert set(sets["held_out"]) <= {toy_video.describe(s) for s in toy_video.split_specs()[1]}
+    assert (tmp_path / "before_after.png").exists() and (tmp_path / "transformer" / "config.json").exists()
+    assert all(0 <= r["reward_mean"] <= 1 for r in rows)  # the dense motion reward
+    with pytest.raises(plumbing.UsageError, match="--reward geneval scores the toy world's prompts: use it with "
+                                                  "--model tiny "):
+        check_args(dataclasses.replace(args, reward="geneval", output_dir=str(tmp_path / "other")))
+    monkeypatch.setitem(op_grpo.PRESETS["tiny-video"], "pretrained", str(tmp_path / "missing"))
+    with pytest.raises(plumbing.UsageError, match="build it with `python toy_video.py`"):
+        check_args(Args(model="tiny-video", output_dir=str(tmp_path / "other")))

@@ -1,4 +1,4 @@
-"""A toy video world: coloured shapes that move, captions, a verifier of motion, and a tiny Wan2.1 model trained on them.
+"""A toy video world: coloured shapes that move, captions, a verifier of motion, and a tiny Wan model trained on them.
 
 The video counterpart of toy_world.py, small enough for a CPU. It shares that world's palette, shapes, drawing and
 per-frame segmentation, and asks questions only a video can answer:
@@ -278,8 +278,9 @@ def build_pipeline(args: BuildArgs, tokenizer):
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(args.seed)
-    vae = AutoencoderKLWan(base_dim=16, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
-                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_temporal=4, scale_factor_spatial=4)
+    vae = AutoencoderKLWan(base_dim=16, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+                           scale_factor_temporal=4, scale_factor_spatial=4)
     transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=args.num_heads, attention_head_dim=16,
                                         in_channels=4, out_channels=4, text_dim=32, freq_dim=64, ffn_dim=128,
                                         num_layers=args.num_layers, rope_max_seq_len=32)
@@ -377,7 +378,8 @@ def frame_strips(prompts: list[str], videos: list, path: str, every: int = 2, zo
     (strict, dense) score and an optional title per row."""
     picked = [v[::every] for v in videos]
     cell, caption = SIZE * zoom, 14
-    strip = Image.new("RGB", (4 + (cell + 2) * max(len(p) for p in picked), (cell + caption + 6) * len(videos)), "white")
+    width = 4 + (cell + 2) * max(len(p) for p in picked)
+    strip = Image.new("RGB", (width, (cell + caption + 6) * len(videos)), "white")
     draw = ImageDraw.Draw(strip)
     for row, (prompt, frames) in enumerate(zip(prompts, picked)):
         y = row * (cell + caption + 6)
