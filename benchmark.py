@@ -743,18 +743,19 @@ SIDE_CONTRASTS = [("dense/flow_w2", "dense/flow_all"), ("dense/op_w2", "dense/fl
                   ("dense/op_w2", "dense/flow_w2"), ("B_G2/op_w2", "B_G2/flow_w2")]
 
 
-def contrast(variant: dict, reference: dict) -> dict:
-    """Two curves of one seed. At equal training time: the mean over [0, T] (T the shorter run's training seconds,
-    100 points, linear between evaluations) of the accuracy difference, and the time the variant takes to reach the
-    reference's final accuracy, over the reference's time. With the same evaluation iterations: the mean difference
-    over evaluations, over the first third of the run and over the last third (does the gap grow?)."""
-    end = min(variant["train_seconds"][-1], reference["train_seconds"][-1])
+def contrast(variant: dict, reference: dict, seconds: str = "train_seconds") -> dict:
+    """Two curves of one seed. At equal training time (`seconds`: the curves' key of training seconds): the mean
+    over [0, T] (T the shorter run's, 100 points, linear between evaluations) of the accuracy difference, and the
+    time the variant takes to reach the reference's final accuracy, over the reference's time. With the same
+    evaluation iterations: the mean difference over evaluations, over the first third of the run and over the last
+    third (does the gap grow?)."""
+    end = min(variant[seconds][-1], reference[seconds][-1])
     grid = np.linspace(0, end, 101)[1:]
-    gap = np.interp(grid, variant["train_seconds"], variant["eval_reward"]) - np.interp(
-        grid, reference["train_seconds"], reference["eval_reward"])
-    reached = first_reach(variant, reference["eval_reward"][-1])
+    gap = np.interp(grid, variant[seconds], variant["eval_reward"]) - np.interp(
+        grid, reference[seconds], reference["eval_reward"])
+    reached = first_reach({**variant, "train_seconds": variant[seconds]}, reference["eval_reward"][-1])
     out = {"equal_time_curve_difference": float(gap.mean()), "equal_time_seconds": float(end),
-           "wall_clock_ratio": reached[1] / reference["train_seconds"][-1] if reached else None}
+           "wall_clock_ratio": reached[1] / reference[seconds][-1] if reached else None}
     if variant["iterations"] == reference["iterations"]:
         its, diff = np.array(variant["iterations"]), np.subtract(variant["eval_reward"], reference["eval_reward"])
         third = its[-1] / 3
@@ -767,17 +768,24 @@ def contrast(variant: dict, reference: dict) -> dict:
 
 
 def side_summary(folders: dict) -> dict:
-    """Per run its curve and timings (window_summary); per contrast its per-seed numbers and their seed stats."""
+    """Per run its curve and timings (window_summary) and its training seconds recounted as iterations x its median
+    seconds per iteration (robust to other work slowing some iterations); per contrast its per-seed numbers (the
+    equal-time ones also on the recounted seconds, "..._median") and their seed stats."""
     runs = window_summary(folders)
+    for (name, seed), folder in folders.items():
+        median = float(np.median([sum(r.get(k, 0.0) for k in STAGES) for r in load_rows(folder)]))
+        runs[f"{name}_seed{seed}"]["median_seconds"] = [i * median for i in runs[f"{name}_seed{seed}"]["iterations"]]
     contrasts = {}
     for variant, reference in SIDE_CONTRASTS:
         seeds = [s for s in SIDE_SEEDS if f"{variant}_seed{s}" in runs and f"{reference}_seed{s}" in runs]
-        per_seed = {s: contrast(runs[f"{variant}_seed{s}"], runs[f"{reference}_seed{s}"]) for s in seeds}
+        pairs = {s: (runs[f"{variant}_seed{s}"], runs[f"{reference}_seed{s}"]) for s in seeds}
+        per_seed = {s: contrast(*pair) | {f"{k}_median": v for k, v in contrast(*pair, "median_seconds").items()
+                                          if k.startswith(("equal_time", "wall_clock"))} for s, pair in pairs.items()}
         if per_seed:
-            keys = [k for k in per_seed[seeds[0]] if not k.endswith("ratio")]
+            keys = [k for k in per_seed[seeds[0]] if "ratio" not in k]
             contrasts[f"{variant} - {reference}"] = {
                 "per_seed": per_seed, **{k: seed_stat([p[k] for p in per_seed.values()]) for k in keys},
-                **{k: median_or_none([p[k] for p in per_seed.values()]) for k in per_seed[seeds[0]] if k.endswith("ratio")}}
+                **{k: median_or_none([p[k] for p in per_seed.values()]) for k in per_seed[seeds[0]] if "ratio" in k}}
     return {"runs": runs, "contrasts": contrasts}
 
 
@@ -833,7 +841,7 @@ def report_side_by_side(summary: dict) -> None:
               f"{r['train_seconds_per_iteration']:.2f} s/it training  {r['wall_seconds'] / 60:5.1f} min in all")
     for key, c in summary["contrasts"].items():
         parts = [f"{k} {pm(c[k])}" for k in c if isinstance(c[k], dict) and "mean" in c[k]]
-        ratios = [f"{k} {c[k]:.2f}" if c[k] is not None else f"{k} never" for k in c if k.endswith("ratio")]
+        ratios = [f"{k} {c[k]:.2f}" if c[k] is not None else f"{k} never" for k in c if "ratio" in k]
         print(f"{key}: " + "; ".join(parts + ratios))
 
 

@@ -63,7 +63,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @dataclass
 class Args:
-    """OP-GRPO fine-tuning of an SD3-family pipeline. A flag left at None takes its --model preset (PRESETS below)."""
+    """OP-GRPO fine-tuning of an SD3-family or Wan pipeline. A flag left at None takes its --model preset (PRESETS)."""
 
     # --- model, prompts and reward
     model: Literal["tiny", "sd3", "wan", "tiny-video"] = "tiny"
@@ -73,7 +73,8 @@ class Args:
     """Hub id or folder of the --model's pipeline (tiny: ./tiny_sd3, sd3: stabilityai/stable-diffusion-3.5-medium,
     wan: Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"""
     reward: str | None = None
-    """geneval, geneval_strict (toy world), jpeg, pickscore, or a sum name=weight,... (tiny: geneval, sd3: pickscore)"""
+    """geneval, geneval_strict (toy world), motion, motion_strict (toy video world), jpeg, pickscore, or a sum
+    name=weight,... (tiny: geneval, tiny-video: motion, sd3 and wan: pickscore)"""
     prompt_file: str | None = None
     """text file, one prompt per line; None = the toy world's prompts (tiny) or the built-in DEFAULT_PROMPTS (sd3)"""
     toy_prompts: str | None = None
@@ -437,7 +438,7 @@ def pickscore_reward(images: list[Image.Image], prompts: list[str]) -> torch.Ten
 REWARDS = {"geneval": toy_world.geneval_reward, "geneval_strict": toy_world.geneval_strict_reward,
            "motion": toy_video.motion_reward, "motion_strict": toy_video.motion_strict_reward,
            "jpeg": jpeg_reward, "pickscore": pickscore_reward}
-WORLDS = {"tiny": toy_world, "tiny-video": toy_video}  # the embedded models' worlds, and their own rewards:
+WORLDS = {"tiny": toy_world, "tiny-video": toy_video}  # the embedded models' toy worlds; the rewards of each:
 WORLD_REWARDS = {"geneval": "tiny", "geneval_strict": "tiny", "motion": "tiny-video", "motion_strict": "tiny-video"}
 
 
@@ -538,7 +539,8 @@ def load_pipeline(args: Args, device: torch.device):
     import diffusers
 
     pipeline, dtype = getattr(diffusers, PIPELINES[args.model]), FROZEN_DTYPES[args.mixed_precision]
-    no_t5 = dict(text_encoder_3=None, tokenizer_3=None) if args.max_sequence_length == 0 and not args.num_frames else {}
+    sd3_without_t5 = args.max_sequence_length == 0 and pipeline is diffusers.StableDiffusion3Pipeline
+    no_t5 = dict(text_encoder_3=None, tokenizer_3=None) if sd3_without_t5 else {}
     pipe = from_hub(args.pretrained, lambda: pipeline.from_pretrained(args.pretrained, dtype=dtype, **no_t5))
     if makes_video(pipe):
         pipe.vae.float()
