@@ -835,6 +835,34 @@ def plot_side_by_side(summary: dict, assets_dir: str) -> None:
     figure.savefig(os.path.join(assets_dir, "side_by_side.png"), dpi=110)
 
 
+def side_tables(summary: dict) -> str:
+    """RESULTS.md's tables of the side-by-side: one row per run, then one per contrast (mean +- SE over seeds)."""
+    fmt = lambda x: "never" if x is None else f"{x:.2f}"  # noqa: E731
+    lines = ["| run | seed | iterations | training s / it (mean, median) | training min | min in all | final change "
+             "| peak change |", "|---|---|---|---|---|---|---|---|"]
+    for r in summary["runs"].values():
+        change = np.subtract(r["eval_reward"], r["eval_reward"][0])
+        median = r["median_seconds"][-1] / r["iterations"][-1]
+        lines.append(f"| {r['name']} | {r['seed']} | {r['iterations'][-1]} | {r['train_seconds_per_iteration']:.2f}, "
+                     f"{median:.2f} | {r['train_seconds'][-1] / 60:.1f} | {r['wall_seconds'] / 60:.1f} | "
+                     f"{r['final_change']:+.3f} ± {r['final_change_se']:.3f} | {change.max():+.3f} |")
+    lines += ["", "| variant − reference | seeds | equal-time curve difference (per seed; mean ± SE) | the same on "
+              "median-recounted seconds | wall-clock ratio (per seed; median) | equal iterations: curve / final "
+              "difference | first third → last third (growth) |", "|---|---|---|---|---|---|---|"]
+    for key, c in summary["contrasts"].items():
+        per_seed = list(c["per_seed"].values())
+        same = "curve_difference" in c
+        iterations = (f"{pm(c['curve_difference'])} / {pm(c['final_difference'])}" if same else "–")
+        growth = (f"{c['first_third_difference']['mean']:+.3f} → {c['last_third_difference']['mean']:+.3f} "
+                  f"({pm(c['gap_growth'])})" if same else "–")
+        differences = ", ".join(f"{p['equal_time_curve_difference']:+.3f}" for p in per_seed)
+        ratios = ", ".join(fmt(p["wall_clock_ratio"]) for p in per_seed)
+        lines.append(f"| {key} | {len(per_seed)} | {differences}; {pm(c['equal_time_curve_difference'])} | "
+                     f"{pm(c['equal_time_curve_difference_median'])} | {ratios}; {fmt(c['wall_clock_ratio'])} | "
+                     f"{iterations} | {growth} |")
+    return "\n".join(lines)
+
+
 def report_side_by_side(summary: dict) -> None:
     for key, r in summary["runs"].items():
         print(f"{key:26s} change {r['final_change']:+.3f} +- {r['final_change_se']:.3f}  {r['iterations'][-1]:4d} its  "
@@ -857,6 +885,7 @@ def main(args: BenchArgs) -> dict:
             json.dump(summary, f, indent=1)
         plot_side_by_side(summary, args.assets_dir)
         report_side_by_side(summary)
+        print(side_tables(summary))
         return summary
     if args.windows:
         args.output_dir = args.output_dir.replace("benchmark", "windows")
