@@ -421,7 +421,7 @@ def count(module) -> int:
 def lora_parameters(transformer, rank: int) -> int:
     """Parameters of rank-r adapters on op_grpo's LoRA targets: r x (in + out) per matched Linear (peft's
     matching: the module name equals a target or ends with "." + target)."""
-    targets = op_grpo.LORA_TARGETS
+    targets = op_grpo.LORA_TARGETS["StableDiffusion3Pipeline"]
     return sum(rank * (m.in_features + m.out_features) for name, m in transformer.named_modules()
                if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))
 

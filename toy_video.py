@@ -34,7 +34,7 @@ import tyro
 from PIL import Image, ImageDraw
 
 import toy_world
-from toy_world import BACKGROUND, COLOURS, SHAPES, draw_shape, find_objects, warmup_cosine
+from toy_world import BACKGROUND, COLOURS, SHAPES, draw_shape, find_objects, sample_specs, warmup_cosine
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. The vocabulary and the prompts.
@@ -81,12 +81,6 @@ def split_specs(seed: int = 0) -> tuple[list[VideoSpec], list[VideoSpec]]:
         held_out += specs[:n_held]
         train += specs[n_held:]
     return train, held_out
-
-
-def sample_specs(specs: list[VideoSpec], mix: dict[str, float], n: int, rng: random.Random) -> list[VideoSpec]:
-    """n specs: a family drawn from `mix`, then a spec of that family drawn uniformly."""
-    by_family = {f: [s for s in specs if s.family == f] for f in mix}
-    return [rng.choice(by_family[f]) for f in rng.choices(list(mix), weights=list(mix.values()), k=n)]
 
 
 def vocabulary() -> list[str]:
@@ -298,25 +292,6 @@ def to_tensor(videos: list[list[Image.Image]]) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 4, 1, 2, 3).contiguous()
 
 
-def train_vae(vae, pixels: torch.Tensor, steps: int, generator: torch.Generator) -> float:
-    """Reconstruction (MSE) plus a small KL term; returns the reconstruction MSE on the last 64 videos."""
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    schedule = warmup_cosine(optimizer, steps, warmup=30)
-    for step in range(steps):
-        batch = pixels[torch.randint(len(pixels) - 64, (16,), generator=generator)]
-        posterior = vae.encode(batch).latent_dist
-        loss = F.mse_loss(vae.decode(posterior.sample(generator)).sample, batch) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"  vae step {step:5d}  loss {loss.item():.4f}", flush=True)
-    with torch.no_grad():
-        held = pixels[-64:]
-        return F.mse_loss(vae.decode(vae.encode(held).latent_dist.mode()).sample, held).item()
-
-
 def train_transformer(pipe, latents, prompts, steps, generator) -> list[float]:
     """Rectified flow as toy_world.train_transformer: x_sigma = (1 - sigma) x0 + sigma eps, target eps - x0,
     logit-normal sigma, 10% of captions dropped for guidance, the EMA of the weights saved; UMT5 trains along."""
@@ -406,7 +381,7 @@ def build(args: BuildArgs) -> dict:
     print(f"      parameters: {n_params}", flush=True)
 
     print(f"[2/5] training the VAE for {args.vae_steps} steps", flush=True)
-    vae_mse = train_vae(pipe.vae, pixels, args.vae_steps, generator)
+    vae_mse = toy_world.train_vae(pipe.vae, pixels, args.vae_steps, generator, batch_size=16, held=64)
     print(f"      reconstruction MSE on held videos: {vae_mse:.5f}", flush=True)
 
     print("[3/5] encoding the data set and fitting the latents' mean and std per channel", flush=True)

@@ -437,12 +437,14 @@ def warmup_cosine(optimizer, steps: int, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_vae(vae, pixels: torch.Tensor, steps: int, generator: torch.Generator) -> float:
-    """Reconstruction (MSE) plus a small KL term; returns the final reconstruction MSE on a held batch."""
+def train_vae(vae, pixels: torch.Tensor, steps: int, generator: torch.Generator, batch_size: int = 32,
+              held: int = 256) -> float:
+    """Reconstruction (MSE) plus a small KL term; returns the reconstruction MSE on the last `held` samples. Any
+    diffusers VAE with encode().latent_dist and decode().sample: images here, videos in toy_video.py."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, steps, warmup=50)
     for step in range(steps):
-        batch = pixels[torch.randint(len(pixels), (32,), generator=generator)]
+        batch = pixels[torch.randint(len(pixels), (batch_size,), generator=generator)]
         posterior = vae.encode(batch).latent_dist
         recon = vae.decode(posterior.sample(generator)).sample
         loss = F.mse_loss(recon, batch) + 1e-6 * posterior.kl().mean()
@@ -453,8 +455,8 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, generator: torch.Generator)
         if step % 200 == 0 or step == steps - 1:
             print(f"  vae step {step:5d}  loss {loss.item():.4f}", flush=True)
     with torch.no_grad():
-        held = pixels[-256:]
-        return F.mse_loss(vae.decode(vae.encode(held).latent_dist.mode()).sample, held).item()
+        last = pixels[-held:]
+        return F.mse_loss(vae.decode(vae.encode(last).latent_dist.mode()).sample, last).item()
 
 
 def encode_prompts(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
