@@ -873,32 +873,31 @@ def report_side_by_side(summary: dict) -> None:
         print(f"{key}: " + "; ".join(parts + ratios))
 
 
-def main(args: BenchArgs) -> dict:
+def window_studies(args: BenchArgs) -> dict:
+    """--windows or --side-by-side: run (or restore) the runs, then write <name>_results.json and the plot, and print
+    the summary; --quick makes every run 4 iterations long and writes under <output-dir>_quick."""
+    name = "side_by_side" if args.side_by_side else "windows"
+    run, plot, report, results = {"side_by_side": (run_side_by_side, plot_side_by_side, report_side_by_side,
+                                                   "side_by_side_results.json"),
+                                  "windows": (run_windows, plot_windows, report_windows, "window_results.json")}[name]
+    args.output_dir = args.output_dir.replace("benchmark", name)
+    if args.quick:
+        args.iterations, args.eval_every, args.eval_per_family = 4, 2, 4
+        args.output_dir, args.assets_dir = args.output_dir + "_quick", args.output_dir + "_quick"
+    summary = run(args)
+    os.makedirs(args.assets_dir, exist_ok=True)
+    with open(os.path.join(args.assets_dir, results), "w") as f:
+        json.dump(summary, f, indent=1)
+    plot(summary, args.assets_dir)
+    report(summary)
     if args.side_by_side:
-        args.output_dir = args.output_dir.replace("benchmark", "side_by_side")
-        if args.quick:
-            args.iterations, args.eval_every, args.eval_per_family = 4, 2, 4
-            args.output_dir, args.assets_dir = args.output_dir + "_quick", args.output_dir + "_quick"
-        summary = run_side_by_side(args)
-        os.makedirs(args.assets_dir, exist_ok=True)
-        with open(os.path.join(args.assets_dir, "side_by_side_results.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        plot_side_by_side(summary, args.assets_dir)
-        report_side_by_side(summary)
         print(side_tables(summary))
-        return summary
-    if args.windows:
-        args.output_dir = args.output_dir.replace("benchmark", "windows")
-        if args.quick:
-            args.iterations, args.eval_every, args.eval_per_family = 4, 2, 4
-            args.output_dir, args.assets_dir = args.output_dir + "_quick", args.output_dir + "_quick"
-        summary = run_windows(args)
-        os.makedirs(args.assets_dir, exist_ok=True)
-        with open(os.path.join(args.assets_dir, "window_results.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        plot_windows(summary, args.assets_dir)
-        report_windows(summary)
-        return summary
+    return summary
+
+
+def main(args: BenchArgs) -> dict:
+    if args.side_by_side or args.windows:
+        return window_studies(args)
     if args.study:
         args.output_dir = args.output_dir.replace("benchmark", "study")
     if args.quick:
