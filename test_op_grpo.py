@@ -179,7 +179,7 @@ def test_sd3_kl_matches_flow_grpo_recipe():
 
 def test_sd3_presets_match_flow_grpo_pickscore_config():
     """Flow-GRPO's config/grpo.py (pickscore_sd3 over base.get_config), transcribed: what the sd3 preset shares with
-    it. What differs (batch, advantage std, EMA, weight decay, warm-up, fp16) is listed in the README's preset table."""
+    it. What differs (batch, advantage std, EMA, weight decay, warm-up, fp16) is listed in the README and RESULTS.md ("Recipe notes")."""
     flow_grpo = dict(num_steps=10, eval_steps=40, guidance_scale=4.5, resolution=512, noise_level=0.7,
                      learning_rate=3e-4, clip_range=1e-4, adv_clip=5.0, kl_beta=0.01, kl_form="flow_grpo",
                      max_grad_norm=1.0, lora_rank=32, lora_alpha=64, updates_per_batch=2, train_steps=9)
@@ -192,7 +192,7 @@ def test_sd3_presets_match_flow_grpo_pickscore_config():
 def test_wan_presets_match_flow_grpo_wan_config():
     """Flow-GRPO's general_ocr_wan2_1 (config/grpo.py over base.get_config) and its train_wan2_1.py, transcribed: the
     KL is the exact one there (its penalty divides by (s_sigma sqrt|dt|)^2); 2 optimizer steps per epoch of 2
-    sampling batches. What differs (batch, EMA, its per-step loss scale s_sigma / sqrt|dt|) is in the README."""
+    sampling batches. What differs (batch, EMA, its per-step loss scale s_sigma / sqrt|dt|) is in the README and RESULTS.md ("Recipe notes")."""
     flow_grpo = dict(num_steps=20, eval_steps=50, guidance_scale=4.5, resolution=240, width=416, num_frames=33,
                      group_size=4, noise_level=0.7, learning_rate=1e-4, clip_range=1e-3, adv_clip=5.0, kl_beta=0.004,
                      kl_form="exact", max_grad_norm=1.0, lora_rank=32, lora_alpha=64, updates_per_batch=2,
