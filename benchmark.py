@@ -7,6 +7,7 @@
   python benchmark.py --study --quick                    # its smoke run
   python benchmark.py --windows                          # SDE windows: learning per minute (RESULTS.md), ~70 min
   python benchmark.py --side-by-side                     # windows in both arms, 600 iterations: 15 runs, ~2.2 h
+  python benchmark.py --video --eval-per-family 64        # the toy video world (--model tiny-video): 6 runs
 
 Every run is `python op_grpo.py <flags> --threads 1` in a process of its own, `--parallel` (2) at a time: the two
 arms of a seed run side by side, so that they share the machine's load and their wall-clock times compare.
@@ -81,6 +82,9 @@ class BenchArgs:
     """run the SDE-window sweep and the default candidate's seeds instead (WINDOW_SWEEP); writes window_*"""
     side_by_side: bool = False
     """run the windows' side-by-side and longer horizon instead (SIDE_BY_SIDE, 3 seeds); writes side_by_side_*"""
+    video: bool = False
+    """run OP-GRPO against Flow-GRPO on the toy video world instead (--model tiny-video, VIDEO_SIDE_BY_SIDE, 3 seeds);
+    writes video_side_by_side_*"""
     made_only: bool = False
     """with --study: summarise the runs made so far (finished or archived), start none, and list the missing ones"""
     parallel: int = 2
@@ -741,6 +745,13 @@ SIDE_BY_SIDE = {  # name: (flags, iterations, evaluations); 250 all-step iterati
 SIDE_SEEDS = (0, 1, 2)
 SIDE_CONTRASTS = [("dense/flow_w2", "dense/flow_all"), ("dense/op_w2", "dense/flow_all"),  # (variant, reference)
                   ("dense/op_w2", "dense/flow_w2"), ("B_G2/op_w2", "B_G2/flow_w2")]
+# The toy video world (RESULTS.md, "OP-GRPO vs Flow-GRPO on the toy video world", written before the runs): both arms
+# as `python op_grpo.py --model tiny-video` runs them (Flow-GRPO: rho 0), one thread each, the two arms of a seed
+# side by side; the paper's video measure is reward against training time.
+VIDEO_ARCHIVE = os.path.join(HERE, "assets", "video_runs")
+VIDEO_SIDE_BY_SIDE = {"video/op_grpo": (["--model", "tiny-video"], 150, 10),
+                      "video/flow_grpo": (["--model", "tiny-video", *ARMS["flow_grpo"]], 150, 10)}
+VIDEO_CONTRASTS = [("video/op_grpo", "video/flow_grpo")]
 
 
 def contrast(variant: dict, reference: dict, seconds: str = "train_seconds") -> dict:
@@ -767,7 +778,7 @@ def contrast(variant: dict, reference: dict, seconds: str = "train_seconds") -> 
     return out
 
 
-def side_summary(folders: dict) -> dict:
+def side_summary(folders: dict, contrasts: list = SIDE_CONTRASTS) -> dict:
     """Per run its curve and timings (window_summary) and its training seconds recounted as iterations x its median
     seconds per iteration (robust to other work slowing some iterations); per contrast its per-seed numbers (the
     equal-time ones also on the recounted seconds, "..._median") and their seed stats."""
@@ -775,34 +786,50 @@ def side_summary(folders: dict) -> dict:
     for (name, seed), folder in folders.items():
         median = float(np.median([sum(r.get(k, 0.0) for k in STAGES) for r in load_rows(folder)]))
         runs[f"{name}_seed{seed}"]["median_seconds"] = [i * median for i in runs[f"{name}_seed{seed}"]["iterations"]]
-    contrasts = {}
-    for variant, reference in SIDE_CONTRASTS:
+    stats = {}
+    for variant, reference in contrasts:
         seeds = [s for s in SIDE_SEEDS if f"{variant}_seed{s}" in runs and f"{reference}_seed{s}" in runs]
         pairs = {s: (runs[f"{variant}_seed{s}"], runs[f"{reference}_seed{s}"]) for s in seeds}
         per_seed = {s: contrast(*pair) | {f"{k}_median": v for k, v in contrast(*pair, "median_seconds").items()
                                           if k.startswith(("equal_time", "wall_clock"))} for s, pair in pairs.items()}
         if per_seed:
             keys = [k for k in per_seed[seeds[0]] if "ratio" not in k]
-            contrasts[f"{variant} - {reference}"] = {
+            stats[f"{variant} - {reference}"] = {
                 "per_seed": per_seed, **{k: seed_stat([p[k] for p in per_seed.values()]) for k in keys},
                 **{k: median_or_none([p[k] for p in per_seed.values()]) for k in per_seed[seeds[0]] if "ratio" in k}}
-    return {"runs": runs, "contrasts": contrasts}
+    return {"runs": runs, "contrasts": stats}
 
 
 def run_side_by_side(args: BenchArgs) -> dict:
-    """Every SIDE_BY_SIDE run on SIDE_SEEDS (one thread each, args.parallel at a time), seed by seed."""
-    jobs = [(name, seed) for seed in (SIDE_SEEDS[:1] if args.quick else SIDE_SEEDS) for name in SIDE_BY_SIDE]
+    """Every SIDE_BY_SIDE (--video: VIDEO_SIDE_BY_SIDE) run on SIDE_SEEDS (one thread each, args.parallel at a
+    time), seed by seed."""
+    runs, contrasts, archive = ((VIDEO_SIDE_BY_SIDE, VIDEO_CONTRASTS, VIDEO_ARCHIVE) if args.video else
+                                (SIDE_BY_SIDE, SIDE_CONTRASTS, SIDE_ARCHIVE))
+    jobs = [(name, seed) for seed in (SIDE_SEEDS[:1] if args.quick else SIDE_SEEDS) for name in runs]
 
     def job_run(name, seed):
-        flags, iterations, evaluations = SIDE_BY_SIDE[name]
+        flags, iterations, evaluations = runs[name]
         return window_job(name, seed, flags, iterations, args, evaluations=evaluations, prefix="side",
-                          archive=SIDE_ARCHIVE)
+                          archive=archive)
 
     with ThreadPoolExecutor(args.parallel) as pool:
         done = list(pool.map(lambda job: job_run(*job), jobs))
-    summary = side_summary({job: folder for job, folder in zip(jobs, done) if folder})
-    return summary | {"config": {"runs": SIDE_BY_SIDE, "seeds": SIDE_SEEDS, "contrasts": SIDE_CONTRASTS,
+    summary = side_summary({job: folder for job, folder in zip(jobs, done) if folder}, contrasts)
+    return summary | {"config": {"runs": runs, "seeds": SIDE_SEEDS, "contrasts": contrasts,
                                  "eval_per_family": args.eval_per_family}}
+
+
+def plot_arms(ax, summary: dict, names: list[str], x_key: str) -> None:
+    """One line per run name: the mean over its seeds of the change since iteration 0 against x_key (training
+    seconds, shown in minutes, or iterations), with the seeds' range as a band."""
+    for name in names:
+        runs = [r for r in summary["runs"].values() if r["name"] == name]
+        if not runs:
+            continue
+        x = np.mean([r[x_key] for r in runs], axis=0) / (60 if x_key == "train_seconds" else 1)
+        change = np.array([np.subtract(r["eval_reward"], r["eval_reward"][0]) for r in runs])
+        line, = ax.plot(x, change.mean(0), marker=".", label=f"{name.split('/')[1]} ({len(runs)} seeds)")
+        ax.fill_between(x, change.min(0), change.max(0), color=line.get_color(), alpha=0.15)
 
 
 def plot_side_by_side(summary: dict, assets_dir: str) -> None:
@@ -817,14 +844,7 @@ def plot_side_by_side(summary: dict, assets_dir: str) -> None:
     panels = [(axes[0], "dense", "train_seconds", "training minutes (evaluations excluded)"),
               (axes[1], "dense", "iterations", "iteration"), (axes[2], "B_G2", "iterations", "iteration")]
     for ax, task, x_key, x_label in panels:
-        for name in (n for n in SIDE_BY_SIDE if n.startswith(task)):
-            runs = [r for r in summary["runs"].values() if r["name"] == name]
-            if not runs:
-                continue
-            x = np.mean([r[x_key] for r in runs], axis=0) / (60 if x_key == "train_seconds" else 1)
-            change = np.array([np.subtract(r["eval_reward"], r["eval_reward"][0]) for r in runs])
-            line, = ax.plot(x, change.mean(0), marker=".", label=f"{name.split('/')[1]} ({len(runs)} seeds)")
-            ax.fill_between(x, change.min(0), change.max(0), color=line.get_color(), alpha=0.15)
+        plot_arms(ax, summary, [n for n in SIDE_BY_SIDE if n.startswith(task)], x_key)
         ax.set_title({"dense": "dense default task", "B_G2": "B with G 2 (0/1 reward)"}[task])
         ax.set_xlabel(x_label)
         ax.axhline(0, color="grey", lw=0.8)
@@ -833,6 +853,28 @@ def plot_side_by_side(summary: dict, assets_dir: str) -> None:
     axes[0].set_ylabel("strict accuracy change since iteration 0")
     figure.tight_layout()
     figure.savefig(os.path.join(assets_dir, "side_by_side.png"), dpi=110)
+
+
+def plot_video(summary: dict, assets_dir: str) -> None:
+    """video_side_by_side.png: the toy video world's strict accuracy change against training minutes and against
+    iterations, both arms: the mean over seeds (line) and its range (band)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, x_key, x_label in ((axes[0], "train_seconds", "training minutes (evaluations excluded)"),
+                               (axes[1], "iterations", "iteration")):
+        plot_arms(ax, summary, list(VIDEO_SIDE_BY_SIDE), x_key)
+        ax.set_xlabel(x_label)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("motion strict accuracy change since iteration 0")
+    figure.suptitle("toy video world (--model tiny-video)")
+    figure.tight_layout()
+    figure.savefig(os.path.join(assets_dir, "video_side_by_side.png"), dpi=110)
 
 
 def side_tables(summary: dict) -> str:
@@ -876,9 +918,11 @@ def report_side_by_side(summary: dict) -> None:
 def window_studies(args: BenchArgs) -> dict:
     """--windows or --side-by-side: run (or restore) the runs, then write <name>_results.json and the plot, and print
     the summary; --quick makes every run 4 iterations long and writes under <output-dir>_quick."""
-    name = "side_by_side" if args.side_by_side else "windows"
+    name = "video_side_by_side" if args.video else "side_by_side" if args.side_by_side else "windows"
     run, plot, report, results = {"side_by_side": (run_side_by_side, plot_side_by_side, report_side_by_side,
                                                    "side_by_side_results.json"),
+                                  "video_side_by_side": (run_side_by_side, plot_video, report_side_by_side,
+                                                         "video_side_by_side_results.json"),
                                   "windows": (run_windows, plot_windows, report_windows, "window_results.json")}[name]
     args.output_dir = args.output_dir.replace("benchmark", name)
     if args.quick:
@@ -890,13 +934,13 @@ def window_studies(args: BenchArgs) -> dict:
         json.dump(summary, f, indent=1)
     plot(summary, args.assets_dir)
     report(summary)
-    if args.side_by_side:
+    if args.side_by_side or args.video:
         print(side_tables(summary))
     return summary
 
 
 def main(args: BenchArgs) -> dict:
-    if args.side_by_side or args.windows:
+    if args.side_by_side or args.windows or args.video:
         return window_studies(args)
     if args.study:
         args.output_dir = args.output_dir.replace("benchmark", "study")

@@ -1,11 +1,16 @@
-"""Peak memory and seconds per iteration of `python op_grpo.py --model sd3` at SD3.5-Medium size, offline.
+"""Peak memory and seconds per iteration of `python op_grpo.py --model sd3` at SD3.5-Medium size (and of
+`--model wan` at Wan2.1-T2V-1.3B size), offline.
 
   python profile_sd3.py                          # one GPU: full SD3.5-M architecture, random weights, 3 iterations
+  python profile_sd3.py --model wan              # one GPU: full Wan2.1-T2V-1.3B architecture (33 frames, 240 x 416)
   python profile_sd3.py --micro-batch 8          # the same with another op_grpo memory setting
   python profile_sd3.py --pickscore              # PickScore's cost included (a random CLIP-H of its shape)
   python profile_sd3.py --depth 2 --resolution 128 --max-sequence-length 8 --prompts-per-iteration 2 \\
       --group-size 2 --micro-batch 2 --off-policy-fraction 0.5 --iterations 2 --eval-steps 4 --device cpu \\
       --threads 1 --output /tmp/profile_cpu.json   # a CPU smoke run at reduced size, about 3 minutes on one thread
+  python profile_sd3.py --model wan --depth 2 --resolution 32 --width 48 --num-frames 5 --max-sequence-length 8 \
+      --prompts-per-iteration 2 --group-size 2 --off-policy-fraction 0.5 --iterations 2 --eval-steps 2 \
+      --device cpu --threads 1 --output /tmp/profile_wan_cpu.json   # the same for Wan, reduced
 
 No model hub is needed: the pipeline is built in code (build_pipeline) with SD3.5-Medium's architecture and
 random weights, saved with save_pretrained to --folder, and trained on by op_grpo.main with --model sd3 and
@@ -20,6 +25,9 @@ random weights, saved with save_pretrained to --folder, and trained on by op_grp
     loading peak; the JSON's `arithmetic` gives their full-size weight memory;
   * reward: JPEG compressibility (PickScore's weights are not offline); --pickscore puts a random CLIP-H of
     PickScore's shape in its place, so that its memory and time are included.
+With --model wan the same holds for Wan2.1-T2V-1.3B (diffusers' Wan-AI/Wan2.1-T2V-1.3B-Diffusers): its transformer
+(30 blocks of 12 heads x 128, FFN 8960, patch 1 x 2 x 2, text 4096) and its VAE at full size, UMT5-XXL at its width
+(4096) with --text-depth layers, the UniPC flow scheduler of shift 3 it ships; JPEG is scored on every 4th frame.
 
 The JSON (--output) holds the device, versions, the settings op_grpo ran with, peak memory (GPU: allocated, per
 phase; host: max RSS), seconds per stage per iteration (the first iteration is warm-up and left out of the means),
@@ -65,6 +73,14 @@ T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, feed_forward_proj
 FULL_DEPTH = {"clip_l": 12, "clip_g": 32, "t5": 24}
 FULL_VOCAB = {"clip": 49408, "t5": 32128}
 CLIP_TOKENS = 77  # the CLIP encoders' positions; SD3's pipeline pads every prompt to them
+# Wan2.1-T2V-1.3B's transformer/config.json (Wan-AI/Wan2.1-T2V-1.3B-Diffusers), less the block count; its VAE is
+# AutoencoderKLWan's default config (16 channels, 4x in time, 8x in space); UMT5-XXL is T5-XXL's widths and 256384 words
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                eps=1e-6)
+WAN_1_3B_LAYERS, WAN_FLOW_SHIFT, UMT5_VOCAB = 30, 3.0, 256384
+FULL_LAYERS = {"sd3": SD35_MEDIUM_LAYERS, "wan": WAN_1_3B_LAYERS}
+PIPELINE_NAMES = {"sd3": "StableDiffusion3Pipeline", "wan": "WanPipeline"}
 # PickScore = CLIP ViT-H/14 (laion2B): vision 1280 wide x 32, text 1024 wide x 24, projection 1024, 224 px
 PICKSCORE_VISION = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
                         image_size=224, patch_size=14, hidden_act="gelu")
@@ -74,42 +90,50 @@ PICKSCORE_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layer
 
 @dataclass
 class ProfileArgs:
-    """Build SD3.5-Medium's architecture with random weights, run `op_grpo.py --model sd3` on it, measure."""
+    """Build SD3.5-Medium's (or Wan2.1-T2V-1.3B's) architecture with random weights, run op_grpo on it, measure."""
 
-    output: str = "assets/profile_sd3.json"
-    """where the measurements (JSON) are written"""
+    model: Literal["sd3", "wan"] = "sd3"
+    """op_grpo's --model to profile: sd3 (SD3.5-Medium's architecture) or wan (Wan2.1-T2V-1.3B's)"""
+    output: str | None = None
+    """where the measurements (JSON) are written (--model wan: None = assets/profile_wan.json)"""
     folder: str | None = None
-    """where the pipeline is built (reused while its build.json matches); None = runs/profile_sd3/pipeline_depth<N>"""
-    run_dir: str = "runs/profile_sd3/run"
-    """op_grpo's --output-dir for the run (overwritten)"""
-    depth: int = SD35_MEDIUM_LAYERS
-    """transformer joint blocks (SD3.5-M: 24); the first min(13, depth) have the MMDiT-X second attention"""
+    """where the pipeline is built (reused while its build.json matches); None = runs/profile_<model>/pipeline_depth<N>"""
+    run_dir: str | None = None
+    """op_grpo's --output-dir for the run (overwritten); None = runs/profile_<model>/run"""
+    depth: int | None = None
+    """transformer blocks; None = the full model's (SD3.5-M: 24 joint blocks, the first min(13, depth) with the
+    MMDiT-X second attention; Wan2.1-1.3B: 30)"""
     text_depth: int = 2
-    """layers of each text encoder (real: CLIP-L 12, CLIP-G 32, T5 24); they run once per prompt and are dropped"""
-    resolution: int = 512
-    """image side in pixels (op_grpo's sd3 preset: 512)"""
+    """layers of each text encoder (real: CLIP-L 12, CLIP-G 32, T5 24, UMT5 24); they run once per prompt and are
+    dropped"""
+    resolution: int | None = None
+    """image (video: frame height) in pixels; None = the preset (sd3: 512, wan: 240)"""
+    width: int | None = None
+    """--model wan: frame width in pixels; None = the preset (416)"""
+    num_frames: int | None = None
+    """--model wan: frames per video (4n + 1); None = the preset (33)"""
     iterations: int = 3
     """op_grpo iterations; the first is warm-up and left out of the per-iteration means"""
     max_sequence_length: int | None = None
-    """T5 tokens per prompt; None = the sd3 preset (256)"""
+    """T5 (UMT5) tokens per prompt; None = the preset (sd3: 256, wan: 512)"""
     prompts_per_iteration: int | None = None
-    """P; None = the sd3 preset (4)"""
+    """P; None = the preset (4)"""
     group_size: int | None = None
-    """G; None = the sd3 preset (8)"""
+    """G; None = the preset (sd3: 8, wan: 4)"""
     micro_batch: int | None = None
-    """samples per forward/backward pass in the update and per VAE decode; None = the sd3 preset (4)"""
+    """samples per forward/backward pass in the update and per VAE decode; None = the preset (sd3: 4, wan: 2)"""
     gradient_checkpointing: bool = False
     """op_grpo's --gradient-checkpointing (the preset is off)"""
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
-    """dtype of the frozen weights; None = the sd3 preset (bf16)"""
+    """dtype of the frozen weights; None = the preset (bf16)"""
     off_policy_fraction: float = 0.25
     """op_grpo's rho (its default); keep rho x P whole (P 4: 0.25) so that every iteration replays as many slots"""
-    num_steps: int = 10
-    """K, SDE steps per trajectory (op_grpo's default 10); fewer only to make a smoke run short"""
+    num_steps: int | None = None
+    """K, SDE steps per trajectory; None = the preset (sd3: 10, wan: 20); fewer only to make a smoke run short"""
     eval_per_family: int = 4
     """evaluation prompts (the preset's 32 would dominate a short run); evaluation is timed apart"""
     eval_steps: int | None = None
-    """ODE steps at evaluation; None = the sd3 preset (40)"""
+    """ODE steps at evaluation; None = the preset (sd3: 40, wan: 50)"""
     sde_window: int = 3
     """then a second run with an SDE window of this many steps (op_grpo's --sde-window; Flow-GRPO-Fast's SD3: 3):
     its seconds per stage beside the first run's; 0 = no second run"""
@@ -119,7 +143,7 @@ class ProfileArgs:
     """layers of each of its towers; None = PickScore's own (vision 32, text 24)"""
     activations: bool = True
     """also count autograd's saved tensors of one update pass at full width and preset shapes (a 4-block model,
-    about 20 s on one CPU thread), extrapolated to 24 blocks: an activation estimate that needs no GPU"""
+    about 20 s on one CPU thread), extrapolated to the full depth: an activation estimate that needs no GPU"""
     timing_repeats: int = 3
     """timed repetitions of each distinct transformer pass for the overhead ratio (after one untimed)"""
     device: str | None = None
@@ -199,8 +223,30 @@ def text_encoder_configs(depth: int | None, clip_vocab: int | None = None, t5_vo
     return clip(CLIP_L, "clip_l"), clip(CLIP_G, "clip_g"), t5
 
 
+def build_wan_pipeline(args: ProfileArgs, device: torch.device):
+    """A WanPipeline of Wan2.1-T2V-1.3B's architecture with random weights, built on `device`, with the UniPC flow
+    scheduler (shift 3) the checkpoint ships; op_grpo takes only its shift."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_t5_tokenizer(prompt_words(builtin_prompts()))
+    umt5 = UMT5Config(**T5_XXL, num_layers=args.text_depth, vocab_size=len(tokenizer), is_encoder_decoder=False,
+                      use_cache=False)
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        components = dict(transformer=WanTransformer3DModel(**WAN_1_3B, num_layers=args.depth),
+                          vae=AutoencoderKLWan(), text_encoder=UMT5EncoderModel(umt5))
+    components = {name: module.to(torch.bfloat16).eval() for name, module in components.items()}
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=WAN_FLOW_SHIFT)
+    return WanPipeline(**components, scheduler=scheduler, tokenizer=tokenizer)
+
+
 def build_pipeline(args: ProfileArgs, device: torch.device):
-    """A StableDiffusion3Pipeline of SD3.5-Medium's architecture with random weights, built on `device`."""
+    """A StableDiffusion3Pipeline of SD3.5-Medium's architecture (or, --model wan, a WanPipeline of Wan2.1-T2V-1.3B's)
+    with random weights, built on `device`."""
+    if args.model == "wan":
+        return build_wan_pipeline(args, device)
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from diffusers import StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
@@ -220,7 +266,7 @@ def build_pipeline(args: ProfileArgs, device: torch.device):
                                     tokenizer_2=clip_tokenizer, tokenizer_3=t5_tokenizer)
 
 
-BUILD_FLAGS = ("depth", "text_depth", "seed")  # a folder built with other values is rebuilt
+BUILD_FLAGS = ("model", "depth", "text_depth", "seed")  # a folder built with other values is rebuilt
 
 
 def ensure_pipeline(args: ProfileArgs, device: torch.device) -> float:
@@ -237,7 +283,8 @@ def ensure_pipeline(args: ProfileArgs, device: torch.device) -> float:
     elif os.path.isdir(args.folder) and os.listdir(args.folder):
         raise SystemExit(f"profile_sd3.py: error: --folder {args.folder} is not empty and not built by profile_sd3.py")
     clock = time.perf_counter()
-    print(f"building SD3.5-Medium's architecture ({args.depth} blocks, text encoders of {args.text_depth} layers) "
+    name = {"sd3": "SD3.5-Medium", "wan": "Wan2.1-T2V-1.3B"}[args.model]
+    print(f"building {name}'s architecture ({args.depth} blocks, text encoders of {args.text_depth} layers) "
           f"in {args.folder}", flush=True)
     build_pipeline(args, device).save_pretrained(args.folder)
     with open(stamp_path, "w") as f:
@@ -418,10 +465,10 @@ def count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def lora_parameters(transformer, rank: int) -> int:
+def lora_parameters(transformer, rank: int, model: str = "sd3") -> int:
     """Parameters of rank-r adapters on op_grpo's LoRA targets: r x (in + out) per matched Linear (peft's
     matching: the module name equals a target or ends with "." + target)."""
-    targets = op_grpo.LORA_TARGETS["StableDiffusion3Pipeline"]
+    targets = op_grpo.LORA_TARGETS[PIPELINE_NAMES[model]]
     return sum(rank * (m.in_features + m.out_features) for name, m in transformer.named_modules()
                if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))
 
@@ -430,62 +477,65 @@ def gb(n_bytes: float) -> float:
     return round(n_bytes / 2**30, 3)
 
 
-def memory_arithmetic(run: op_grpo.Args) -> dict:
-    """GB of weights, adapters, optimizer state and host-side buffers of the full-size SD3.5-M pipeline under `run`
-    (profile passes the sd3 preset): arithmetic on parameter counts (models built on the meta device)."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection, T5EncoderModel
+def parameter_counts(run: op_grpo.Args) -> tuple[dict, int]:
+    """Parameters of the full-size models of run.model (built on the meta device: no memory, no time), and the
+    elements of the transformer's buffers (SD3's positional table), which are cast with the weights."""
+    from diffusers import AutoencoderKL, AutoencoderKLWan, SD3Transformer2DModel, WanTransformer3DModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection, T5EncoderModel, UMT5Config
+    from transformers import UMT5EncoderModel
 
-    clip_l, clip_g, t5 = text_encoder_configs(None)
     pickscore = CLIPConfig(text_config=PICKSCORE_TEXT, vision_config=PICKSCORE_VISION, projection_dim=1024)
     with torch.device("meta"):
-        transformer = SD3Transformer2DModel(**transformer_config(SD35_MEDIUM_LAYERS))
-        n = {"transformer": count(transformer), "vae": count(AutoencoderKL(**SD3_VAE)),
-             "clip_l": count(CLIPTextModelWithProjection(clip_l)), "clip_g": count(CLIPTextModelWithProjection(clip_g)),
-             "t5_xxl": count(T5EncoderModel(t5)), "pickscore_clip_h": count(CLIPModel(pickscore)),
-             "lora": lora_parameters(transformer, run.lora_rank) if run.lora_rank else 0}
-    pos_embed = transformer.pos_embed.pos_embed.numel()  # a buffer, cast to the frozen dtype with the weights
+        if run.model == "wan":
+            transformer = WanTransformer3DModel(**WAN_1_3B, num_layers=WAN_1_3B_LAYERS)
+            umt5 = UMT5Config(**T5_XXL, num_layers=FULL_DEPTH["t5"], vocab_size=UMT5_VOCAB, is_encoder_decoder=False)
+            n = {"transformer": count(transformer), "vae": count(AutoencoderKLWan()),
+                 "umt5_xxl": count(UMT5EncoderModel(umt5))}
+        else:
+            clip_l, clip_g, t5 = text_encoder_configs(None)
+            transformer = SD3Transformer2DModel(**transformer_config(SD35_MEDIUM_LAYERS))
+            n = {"transformer": count(transformer), "vae": count(AutoencoderKL(**SD3_VAE)),
+                 "clip_l": count(CLIPTextModelWithProjection(clip_l)),
+                 "clip_g": count(CLIPTextModelWithProjection(clip_g)), "t5_xxl": count(T5EncoderModel(t5))}
+        n["pickscore_clip_h"] = count(CLIPModel(pickscore))
+        n["lora"] = lora_parameters(transformer, run.lora_rank, run.model) if run.lora_rank else 0
+    persistent = dict(transformer.named_buffers()).keys() & transformer.state_dict().keys()
+    return n, sum(b.numel() for name, b in transformer.named_buffers() if name in persistent)
+
+
+def memory_arithmetic(run: op_grpo.Args) -> dict:
+    """GB of weights, adapters, optimizer state and host-side buffers of the full-size pipeline of run.model under
+    `run` (profile passes the model's preset): arithmetic on parameter counts."""
+    n, buffers = parameter_counts(run)
+    video = run.model == "wan"
+    text = ["umt5_xxl"] if video else ["clip_l", "clip_g", "t5_xxl"]
     frozen = torch.finfo(op_grpo.FROZEN_DTYPES[run.mixed_precision]).bits // 8
     memory = {
-        "transformer_frozen": gb(frozen * (n["transformer"] + pos_embed)),
+        "transformer_frozen": gb(frozen * (n["transformer"] + buffers)),
         "lora_weights_grads_adam_fp32": gb(16 * n["lora"]),  # 4 B weight + 4 B gradient + 8 B AdamW moments
-        "vae": gb(frozen * n["vae"]),
-        "text_encoders_until_embedded": gb(frozen * (n["clip_l"] + n["clip_g"] + n["t5_xxl"])),
+        "vae": gb((4 if video else frozen) * n["vae"]),  # op_grpo keeps Wan's VAE in float32
+        "text_encoders_until_embedded": gb(frozen * sum(n[name] for name in text)),
         "pickscore_if_used": gb(frozen * n["pickscore_clip_h"]),
     }
     resident = memory["transformer_frozen"] + memory["lora_weights_grads_adam_fp32"] + memory["vae"]
-    latents = (run.num_steps + 1) * 16 * (run.resolution // 8) ** 2 + run.num_steps  # one stored trajectory, float32
+    frames = (run.num_frames - 1) // 4 + 1 if video else 1
+    height, width = run.resolution // 8, (run.width or run.resolution) // 8
+    latents = (run.num_steps + 1) * 16 * frames * height * width + run.num_steps  # one stored trajectory, float32
+    context = run.max_sequence_length + (0 if video else CLIP_TOKENS)
     return {
-        "note": "arithmetic from parameter counts of the full-size models (built on the meta device) under the sd3 "
-                "preset (512 px, 256 T5 tokens, bf16, LoRA r 32), not a measurement; activations are not in it "
-                "(see activation_estimate)",
-        "parameters": n, "pos_embed_buffer_elements": pos_embed, "frozen_dtype_bytes": frozen,
+        "note": f"arithmetic from parameter counts of the full-size models (built on the meta device) under the "
+                f"{run.model} preset, not a measurement; activations are not in it (see activation_estimate)",
+        "parameters": n, "transformer_buffer_elements": buffers, "frozen_dtype_bytes": frozen,
         "gpu_gb": {**memory, "resident_while_training_without_pickscore": round(resident, 3),
                    "at_load_with_full_text_encoders": round(resident + memory["text_encoders_until_embedded"], 3)},
         "host_gb": {"replay_buffer_full": gb(run.buffer_capacity * 4 * latents),  # the buffer and embeddings: CPU
-                    "embeddings_per_prompt": gb(frozen * ((CLIP_TOKENS + run.max_sequence_length) * 4096 + 2048))},
+                    "embeddings_per_prompt": gb(frozen * (context * 4096 + (0 if video else 2048)))},
     }
 
 
-def saved_activations(device: torch.device, micro_batch: int | None = None) -> dict:
-    """Bytes autograd keeps for the backward of one update pass under the sd3 preset (512 px, 256 T5 tokens, bf16
-    frozen weights, LoRA r 32 through op_grpo.make_trainable, guidance), per transformer row (under guidance a
-    sample is two rows, conditional and unconditional), extrapolated to 24 blocks from a 4-block model of full
-    width: block 0 apart (nothing before it trains, so its second attention saves nothing), block 1 for blocks
-    1-12 (second attention), block 2 for 13-22, block 3 for the last. Counted once per storage; weights excluded.
-    Gradient checkpointing keeps each block's inputs instead, plus one block's tensors while it is recomputed.
-    """
-    from diffusers import SD3Transformer2DModel
-
-    run = op_grpo.with_presets(op_grpo.Args(model="sd3", micro_batch=micro_batch))
-    with torch.device("meta"):  # skips the 11 s float64 positional table; the values do not matter for a byte count
-        transformer = SD3Transformer2DModel(**{**SD35_MEDIUM, "num_layers": 4, "dual_attention_layers": (0, 1)})
-    transformer = transformer.to_empty(device=device)
-    torch.manual_seed(0)
-    for tensor in list(transformer.parameters()) + list(transformer.buffers()):
-        torch.nn.init.normal_(tensor, std=0.02)
-    dtype = op_grpo.FROZEN_DTYPES[run.mixed_precision]
-    op_grpo.make_trainable(transformer.to(dtype), run)
+def saved_per_block(transformer, blocks, x: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor) -> Counter:
+    """Bytes autograd keeps for the backward of one op_grpo.predict_velocity pass (no guidance: one row), per index
+    of `blocks` and "outside" for the rest; counted once per storage, weights excluded."""
     weights = {p.untyped_storage().data_ptr() for p in transformer.parameters()}
     current, saved, seen = ["outside"], Counter(), set()
 
@@ -497,33 +547,68 @@ def saved_activations(device: torch.device, micro_batch: int | None = None) -> d
         return tensor
 
     hooks = []
-    for i, block in enumerate(transformer.transformer_blocks):
+    for i, block in enumerate(blocks):
         hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, i)))
         hooks.append(block.register_forward_hook(lambda m, a, o: current.__setitem__(0, "outside")))
-    side, context = run.resolution // 8, CLIP_TOKENS + run.max_sequence_length
-    g = torch.Generator(device).manual_seed(0)
-    x, pooled = torch.randn((1, 16, side, side), generator=g, device=device), torch.randn((1, 2048), device=device)
-    embeds = torch.randn((1, context, 4096), generator=g, device=device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        op_grpo.predict_velocity(transformer, x, torch.tensor(0.5, device=device), embeds, pooled, 1.0)
+        op_grpo.predict_velocity(transformer, x, torch.tensor(0.5, device=x.device), embeds, pooled, 1.0)
     for hook in hooks:
         hook.remove()
-    first, dual, plain, last = saved[0], saved[1], saved[2], saved[3]
-    per_row = saved["outside"] + first + (SD35_MEDIUM_DUAL - 1) * dual + last
-    per_row += (SD35_MEDIUM_LAYERS - SD35_MEDIUM_DUAL - 1) * plain
-    tokens = (side // 2) ** 2 + context
-    block_inputs = SD35_MEDIUM_LAYERS * tokens * 1536 * torch.finfo(dtype).bits // 8
+    return saved
+
+
+def saved_activations(device: torch.device, micro_batch: int | None = None, model: str = "sd3") -> dict:
+    """Bytes autograd keeps for the backward of one update pass under the model's preset (sd3: 512 px, 256 T5
+    tokens; wan: 33 frames of 240 x 416, 512 UMT5 tokens; bf16 frozen weights, LoRA r 32 through
+    op_grpo.make_trainable, guidance), per transformer row (under guidance a sample is two rows, conditional and
+    unconditional), extrapolated to the full depth from a 4-block model of full width. sd3: block 0 apart (nothing
+    before it trains, so its second attention saves nothing), block 1 for blocks 1-12 (second attention), block 2
+    for 13-22, block 3 for the last; wan: block 0, block 1 for blocks 1-28, block 3 for the last. Gradient
+    checkpointing keeps each block's inputs instead, plus one block's tensors while it is recomputed.
+    """
+    from diffusers import SD3Transformer2DModel, WanTransformer3DModel
+
+    run = op_grpo.with_presets(op_grpo.Args(model=model, micro_batch=micro_batch))
+    dtype, g = op_grpo.FROZEN_DTYPES[run.mixed_precision], torch.Generator(device).manual_seed(0)
+    torch.manual_seed(0)
+    if model == "wan":
+        with torch.device(device):
+            transformer = WanTransformer3DModel(**WAN_1_3B, num_layers=4)
+        frames, height, width = (run.num_frames - 1) // 4 + 1, run.resolution // 8, run.width // 8
+        x, pooled = torch.randn((1, 16, frames, height, width), generator=g, device=device), torch.zeros((1, 0))
+        context, tokens, hidden, depth = run.max_sequence_length, frames * (height // 2) * (width // 2), 1536, 30
+        blocks = transformer.blocks
+    else:
+        with torch.device("meta"):  # skips the 11 s float64 positional table; the values do not matter here
+            transformer = SD3Transformer2DModel(**{**SD35_MEDIUM, "num_layers": 4, "dual_attention_layers": (0, 1)})
+        transformer = transformer.to_empty(device=device)
+        for tensor in list(transformer.parameters()) + list(transformer.buffers()):
+            torch.nn.init.normal_(tensor, std=0.02)
+        side, context = run.resolution // 8, CLIP_TOKENS + run.max_sequence_length
+        x, pooled = torch.randn((1, 16, side, side), generator=g, device=device), torch.randn((1, 2048), device=device)
+        tokens, hidden, depth, blocks = (side // 2) ** 2 + context, 1536, SD35_MEDIUM_LAYERS, None
+    op_grpo.make_trainable(transformer.to(dtype), run)
+    embeds = torch.randn((1, context, 4096), generator=g, device=device)
+    saved = saved_per_block(transformer, blocks or transformer.transformer_blocks, x, embeds, pooled.to(device))
+    first, second, third, last = saved[0], saved[1], saved[2], saved[3]
+    if model == "wan":
+        per_row, per_block = saved["outside"] + first + (depth - 2) * second + last, {"block": gb(second)}
+    else:
+        per_row = saved["outside"] + first + (SD35_MEDIUM_DUAL - 1) * second + last
+        per_row += (depth - SD35_MEDIUM_DUAL - 1) * third
+        per_block = {"dual_attention_block": gb(second), "plain_block": gb(third)}
+    block_inputs = depth * tokens * hidden * torch.finfo(dtype).bits // 8
     rows = 2 * run.micro_batch if run.guidance_scale != 1.0 else run.micro_batch
     return {
-        "note": "autograd's saved tensors of one update pass under the sd3 preset, counted per block on a 4-block "
-                f"model of full width on {device.type} and extrapolated to 24 blocks: an estimate of activations, not "
-                "a GPU peak (kernels' workspaces, transient buffers and the allocator's cache come on top)",
+        "note": f"autograd's saved tensors of one update pass under the {model} preset, counted per block on a "
+                f"4-block model of full width on {device.type} and extrapolated to {depth} blocks: an estimate of "
+                "activations, not a GPU peak (kernels' workspaces, transient buffers and the allocator's cache come "
+                "on top)",
         "tokens_per_row": tokens, "rows_per_update_pass": rows,
-        "per_row_gb": {"outside_blocks": gb(saved["outside"]), "first_block": gb(first),
-                       "dual_attention_block": gb(dual), "plain_block": gb(plain), "last_block": gb(last),
-                       "all_24_blocks": gb(per_row)},
+        "per_row_gb": {"outside_blocks": gb(saved["outside"]), "first_block": gb(first), **per_block,
+                       "last_block": gb(last), f"all_{depth}_blocks": gb(per_row)},
         "update_pass_gb": {"without_checkpointing": gb(rows * per_row),
-                           "with_checkpointing": gb(rows * (block_inputs + max(dual, plain)))},
+                           "with_checkpointing": gb(rows * (block_inputs + max(second, third)))},
     }
 
 
@@ -553,14 +638,15 @@ def random_pickscore(args: ProfileArgs):
 
 
 def op_grpo_args(args: ProfileArgs) -> op_grpo.Args:
-    """op_grpo's --model sd3 on the built folder: its presets, except the flags given here."""
+    """op_grpo's --model sd3 (or wan) on the built folder: its presets, except the flags given here."""
     given = dict(max_sequence_length=args.max_sequence_length, prompts_per_iteration=args.prompts_per_iteration,
                  group_size=args.group_size, micro_batch=args.micro_batch, mixed_precision=args.mixed_precision,
-                 eval_steps=args.eval_steps)
+                 eval_steps=args.eval_steps, resolution=args.resolution, width=args.width, num_frames=args.num_frames,
+                 num_steps=args.num_steps)
     return op_grpo.with_presets(op_grpo.Args(
-        model="sd3", pretrained=os.path.abspath(args.folder), reward="pickscore" if args.pickscore else "jpeg",
-        output_dir=args.run_dir, overwrite=True, seed=args.seed, resolution=args.resolution, iterations=args.iterations,
-        num_steps=args.num_steps, gradient_checkpointing=args.gradient_checkpointing,
+        model=args.model, pretrained=os.path.abspath(args.folder), reward="pickscore" if args.pickscore else "jpeg",
+        output_dir=args.run_dir, overwrite=True, seed=args.seed, iterations=args.iterations,
+        gradient_checkpointing=args.gradient_checkpointing,
         off_policy_fraction=args.off_policy_fraction, eval_per_family=args.eval_per_family, checkpoint_every=0,
         eval_every=args.iterations + 1,  # evaluation only before the first and after the last iteration
         device=args.device, threads=args.threads, **{k: v for k, v in given.items() if v is not None}))
@@ -589,7 +675,9 @@ def profile(args: ProfileArgs) -> dict:
     """Build (in a process of its own, so that host RSS and GPU peaks are the run's), run, time, estimate."""
     if args.iterations < 2:
         raise SystemExit("profile_sd3.py: error: --iterations must be at least 2 (the first is warm-up)")
-    args = replace(args, folder=args.folder or f"runs/profile_sd3/pipeline_depth{args.depth}")
+    depth = args.depth or FULL_LAYERS[args.model]
+    args = replace(args, depth=depth, folder=args.folder or f"runs/profile_{args.model}/pipeline_depth{depth}",
+                   run_dir=args.run_dir or f"runs/profile_{args.model}/run")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -618,7 +706,8 @@ def profile(args: ProfileArgs) -> dict:
                     "per_iteration_mean": {k: mean([r[k] for r in rows_window if r["iteration"] in measured and k in r])
                                            for k in STAGES}}
     return {
-        "what": "op_grpo.py --model sd3 on a pipeline of SD3.5-Medium's architecture with random weights",
+        "what": f"op_grpo.py --model {args.model} on a pipeline of "
+                f"{'Wan2.1-T2V-1.3B' if args.model == 'wan' else 'SD3.5-Medium'}'s architecture with random weights",
         "windowed": windowed,
         "profile_args": asdict(args),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -626,8 +715,9 @@ def profile(args: ProfileArgs) -> dict:
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__},
-        "build": {"full_size_transformer": args.depth == SD35_MEDIUM_LAYERS, "depth": args.depth,
-                  "dual_attention_layers": list(transformer_config(args.depth)["dual_attention_layers"]),
+        "build": {"full_size_transformer": args.depth == FULL_LAYERS[args.model], "depth": args.depth,
+                  "dual_attention_layers": None if args.model == "wan" else
+                  list(transformer_config(args.depth)["dual_attention_layers"]),
                   "text_encoder_depth": args.text_depth, "text_encoder_vocabulary": "the prompts' words only",
                   "seconds": round(build_seconds, 1) if build_seconds else "reused",
                   "reward": run.reward + (" (random CLIP-H of PickScore's shape)" if args.pickscore else "")},
@@ -646,12 +736,14 @@ def profile(args: ProfileArgs) -> dict:
                     "transformer pass to the next one's (or to the final evaluation), so it also covers untimed steps",
         },
         "overhead": overhead,
-        "activation_estimate": saved_activations(device, args.micro_batch) if args.activations else None,
-        "arithmetic": memory_arithmetic(op_grpo.with_presets(op_grpo.Args(model="sd3", micro_batch=args.micro_batch))),
+        "activation_estimate": saved_activations(device, args.micro_batch, args.model) if args.activations else None,
+        "arithmetic": memory_arithmetic(op_grpo.with_presets(op_grpo.Args(model=args.model,
+                                                                          micro_batch=args.micro_batch))),
     }
 
 
 def main(args: ProfileArgs) -> dict:
+    args = replace(args, output=args.output or f"assets/profile_{args.model}.json")
     results = profile(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import tyro
-from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline, WanPipeline
 from PIL import Image
 
 import op_grpo
@@ -1545,6 +1545,50 @@ def test_full_size_configs_have_sd35_medium_sizes():
     assert arithmetic["gpu_gb"]["transformer_frozen"] == pytest.approx(frozen_bytes / 2**30, abs=1e-3)
 
 
+def test_full_size_wan_configs_have_wan_1_3b_sizes():
+    run = op_grpo.with_presets(op_grpo.Args(model="wan"))
+    arithmetic = profile_sd3.memory_arithmetic(run)
+    n = arithmetic["parameters"]
+    # Wan2.1-T2V-1.3B's bf16 transformer file is 2.84 GB (1.42 B); the UMT5-XXL encoder's bf16 file 11.4 GB (5.7 B)
+    assert round(n["transformer"] / 1e7) == 142 and round(n["umt5_xxl"] / 1e8) == 57
+    # LoRA r 32 on q, k, v, out of both attentions of 30 blocks, all 1536 x 1536
+    assert n["lora"] == 30 * 8 * 32 * (1536 + 1536)
+    assert arithmetic["gpu_gb"]["transformer_frozen"] == pytest.approx(2 * n["transformer"] / 2**30, abs=1e-3)
+    assert arithmetic["gpu_gb"]["vae"] == pytest.approx(4 * n["vae"] / 2**30, abs=1e-3)  # the VAE stays float32
+    # a stored trajectory: 21 latents of 16 x 9 x 30 x 52 (33 frames of 240 x 416) and 20 log-probs, float32
+    latents = 21 * 16 * 9 * 30 * 52 + 20
+    assert arithmetic["host_gb"]["replay_buffer_full"] == pytest.approx(run.buffer_capacity * 4 * latents / 2**30,
+                                                                        abs=1e-3)
+
+
+def test_wan_profile_builds_wan_widths_and_runs_op_grpo_wan_end_to_end(tmp_path, monkeypatch):
+    """--model wan: Wan2.1-T2V-1.3B's widths with 2 blocks and a 1-layer UMT5, loaded by the stock WanPipeline,
+    then a reduced profile of op_grpo --model wan on it (5 frames of 32 x 48 px: 2 x 4 x 6 latents)."""
+    folder, threads = str(tmp_path / "pipeline"), torch.get_num_threads()
+    profile_sd3.ensure_pipeline(profile_sd3.ProfileArgs(model="wan", depth=2, text_depth=1, folder=folder),
+                                torch.device("cpu"))
+    pipe = WanPipeline.from_pretrained(folder, local_files_only=True)
+    t, v = pipe.transformer.config, pipe.vae.config
+    assert (t.num_layers, t.num_attention_heads, t.attention_head_dim, t.ffn_dim, t.text_dim) == (2, 12, 128, 8960, 4096)
+    assert (v.base_dim, v.z_dim, tuple(v.dim_mult), tuple(v.temperal_downsample)) == (96, 16, (1, 2, 4, 4),
+                                                                                      (False, True, True))
+    assert pipe.scheduler.config.flow_shift == 3.0 and pipe.text_encoder.config.d_model == 4096
+    args = profile_sd3.ProfileArgs(
+        model="wan", folder=folder, run_dir=str(tmp_path / "run"), output=str(tmp_path / "profile.json"), depth=2,
+        text_depth=1, resolution=32, width=48, num_frames=5, max_sequence_length=4, prompts_per_iteration=2,
+        group_size=2, micro_batch=2, off_policy_fraction=0.5, num_steps=4, iterations=2, eval_per_family=1,
+        eval_steps=2, activations=False, timing_repeats=1, device="cpu", threads=1, sde_window=0)
+    try:
+        results = profile_sd3.main(args)
+    finally:
+        torch.set_num_threads(threads)
+    run = results["op_grpo_args"]
+    assert (run["model"], run["lora_rank"], run["kl_form"], run["guidance_scale"]) == ("wan", 32, "exact", 4.5)
+    assert results["build"]["seconds"] == "reused" and results["overhead"]["ratio"] > 0
+    assert {tuple(p["latents"][1:]) for p in results["overhead"]["passes"]} == {(16, 2, 4, 6)}
+    assert all(results["seconds"]["per_iteration_mean"][k] > 0 for k in profile_sd3.STAGES)
+
+
 def test_overhead_ratio_is_iteration_seconds_over_the_passes_it_contains():
     ratio, pure = profile_sd3.overhead_ratio(10.0, {"sample": 2.0, "update": 1.0}, {"sample": 3.0, "update": 2.0})
     assert pure == 8.0 and ratio == 1.25
@@ -1588,7 +1632,7 @@ def build_tiny_wan(folder: str) -> None:
     """A WanPipeline with random weights at diffusers' test sizes (2 layers, 2 heads of 12, a 3-channel base VAE),
     a UMT5 text encoder of width 32 and a T5 tokenizer made in memory, saved with the UniPC flow scheduler that
     Wan2.1-T2V-1.3B ships (shift 3)."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WAN_WORDS]
@@ -1678,8 +1722,6 @@ def test_wan_sampler_is_the_stock_pipeline_with_its_flow_shift_as_an_euler_sched
 
 
 def test_wan_run_replays_truncates_resumes_exactly_and_saves_a_lora_that_wan_pipeline_loads(tiny_wan, tmp_path):
-    from diffusers import WanPipeline
-
     straight = op_grpo.main(wan_args(tiny_wan, tmp_path / "a"))
     assert any(r["replayed_groups"] for r in straight) and all(math.isfinite(r["loss"]) for r in straight)
     assert "is_weight_mean" in straight[-1] and len(straight[-1]["log_ratio_old_behavior_per_step"]) == 6
@@ -1757,17 +1799,35 @@ def reduced_tiny_wan(tmp_path_factory):
     return args, toy_video.build(args)
 
 
+def test_object_weighted_mse_counts_object_pixels_one_plus_w_times():
+    """Two pixels, one background and one red object pixel, errors 0.1 and 0.3 on every channel: weights 1 and 5."""
+    background = torch.tensor(toy_world.BACKGROUND, dtype=torch.float32) / 127.5 - 1.0
+    target = torch.stack([background, torch.tensor([1.0, -1.0, -1.0])], dim=1).view(1, 3, 1, 1, 2)  # a 1-frame video
+    recon = target + torch.tensor([0.1, 0.3]).view(1, 1, 1, 1, 2)
+    expected = (1 * 0.1**2 + 5 * 0.3**2) / (1 + 5)
+    assert toy_world.object_weighted_mse(recon, target, 4.0).item() == pytest.approx(expected)
+    assert toy_world.object_weighted_mse(recon[..., 0], target[..., 0], 0.0).item() == pytest.approx(
+        torch.nn.functional.mse_loss(recon[..., 0], target[..., 0]).item())  # w 0: plain MSE (4-D: images)
+
+
 def test_video_build_runs_end_to_end_and_loads_with_the_stock_wan_pipeline(reduced_tiny_wan):
     import toy_video
-    from diffusers import WanPipeline
 
     args, report = reduced_tiny_wan
     assert set(report["held_out"]) == {"motion", "pair", "mix"} and report["parameters"]["transformer"] > 0
     pipe = WanPipeline.from_pretrained(args.output_dir, local_files_only=True)
-    assert pipe.vae.config.latents_std != [1.0] * 4  # the fitted normalisation was saved
+    std = pipe.vae.config.latents_std  # the fitted normalisation was saved
+    assert len(std) == args.latent_channels == pipe.transformer.config.in_channels and std != [1.0] * len(std)
     frames = pipe("a red circle moving left", num_inference_steps=2, guidance_scale=1.0, height=32, width=32,
                   num_frames=9, max_sequence_length=toy_video.TOKENS).frames[0]
     assert len(frames) == 9 and os.path.exists(os.path.join(args.output_dir, "base_samples.png"))
+    # --vae-from: a second build trains only the transformer on the first build's VAE, normalisation included
+    again = dataclasses.replace(args, output_dir=args.output_dir + "_again", vae_from=args.output_dir, num_heads=4)
+    second = toy_video.build(again)
+    reused = WanPipeline.from_pretrained(again.output_dir, local_files_only=True)
+    assert reused.vae.config.latents_mean == pipe.vae.config.latents_mean and reused.vae.config.latents_std == std
+    assert all(torch.equal(a, b) for a, b in zip(reused.vae.state_dict().values(), pipe.vae.state_dict().values()))
+    assert second["vae_reconstruction_mse"] == pytest.approx(report["vae_reconstruction_mse"], rel=1e-4)
 
 
 def test_tiny_video_runs_the_whole_job_on_the_toy_video_world_with_replay(reduced_tiny_wan, tmp_path, monkeypatch):

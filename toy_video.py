@@ -242,18 +242,26 @@ class BuildArgs:
     """seed for data, initialisation and training (the build is deterministic for a given thread count)"""
     num_videos: int = 6000
     """rendered training videos"""
-    vae_steps: int = 600
-    """AutoencoderKLWan optimisation steps (batch 16)"""
+    vae_steps: int = 1200
+    """AutoencoderKLWan optimisation steps (batch 8)"""
+    vae_lr: float = 2e-3
+    """the VAE's AdamW learning rate (warm-up, then cosine decay)"""
+    object_weight: float = 4.0
+    """extra weight of pixels away from the background in the VAE's loss (toy_world.train_vae)"""
+    latent_channels: int = 16
+    """the VAE's z_dim: each latent pixel stands for 4 frames x 4 x 4 pixels"""
     transformer_steps: int = 3000
     """Wan transformer (and UMT5 encoder) flow-matching steps (batch 32)"""
     eval_per_family: int = 64
     """videos per family and per prompt set (train / held-out) for the base model's report"""
     num_layers: int = 4
     """transformer blocks"""
-    num_heads: int = 4
-    """attention heads of width 16"""
+    num_heads: int = 12
+    """attention heads of width 16 (the transformer's width is 16 x heads, its FFN twice that)"""
     threads: int = 2
     """torch CPU threads"""
+    vae_from: str | None = None
+    """reuse the trained VAE (and its latent mean and std) of an earlier build's folder instead of training one"""
 
 
 def build_tokenizer():
@@ -266,17 +274,19 @@ def build_tokenizer():
 
 def build_pipeline(args: BuildArgs, tokenizer):
     """Randomly initialised components of a WanPipeline, sized for a CPU: a VAE that downsamples 4x in space and 4x
-    in time after the first frame (9 frames of 32 px -> 4 x 3 x 8 x 8 latents), a transformer on 2 x 2 patches (48
+    in time after the first frame (9 frames of 32 px -> 16 x 3 x 8 x 8 latents), a transformer on 2 x 2 patches (48
     tokens), a 2-layer UMT5 of width 32."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(args.seed)
-    vae = AutoencoderKLWan(base_dim=16, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
-                           temperal_downsample=[True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    z = args.latent_channels
+    vae = AutoencoderKLWan(base_dim=16, z_dim=z, dim_mult=[1, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[True, True], latents_mean=[0.0] * z, latents_std=[1.0] * z,
                            scale_factor_temporal=4, scale_factor_spatial=4)
     transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=args.num_heads, attention_head_dim=16,
-                                        in_channels=4, out_channels=4, text_dim=32, freq_dim=64, ffn_dim=128,
+                                        in_channels=z, out_channels=z, text_dim=32, freq_dim=64,
+                                        ffn_dim=32 * args.num_heads,
                                         num_layers=args.num_layers, rope_max_seq_len=32)
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                                num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0))
@@ -290,6 +300,12 @@ def to_tensor(videos: list[list[Image.Image]]) -> torch.Tensor:
     """Videos of PIL frames -> (N, 3, F, H, W) in [-1, 1], the VAE's input."""
     array = np.stack([np.stack([np.asarray(f, dtype=np.float32) for f in v]) for v in videos]) / 127.5 - 1.0
     return torch.from_numpy(array).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def to_videos(x: torch.Tensor) -> list[list[Image.Image]]:
+    """(N, 3, F, H, W) in [-1, 1] -> videos of PIL frames (the inverse of to_tensor, rounded to 8 bits)."""
+    array = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+    return [[Image.fromarray(frame) for frame in video] for video in array]
 
 
 def train_transformer(pipe, latents, prompts, steps, generator) -> list[float]:
@@ -380,14 +396,31 @@ def build(args: BuildArgs) -> dict:
                 for name in ("vae", "transformer", "text_encoder")}
     print(f"      parameters: {n_params}", flush=True)
 
-    print(f"[2/5] training the VAE for {args.vae_steps} steps", flush=True)
-    vae_mse = toy_world.train_vae(pipe.vae, pixels, args.vae_steps, generator, batch_size=16, held=64)
-    print(f"      reconstruction MSE on held videos: {vae_mse:.5f}", flush=True)
+    if args.vae_from:
+        from diffusers import AutoencoderKLWan
+
+        print(f"[2/5] reusing the VAE of {args.vae_from}", flush=True)
+        pipe.vae = AutoencoderKLWan.from_pretrained(args.vae_from, subfolder="vae")
+        pipe.register_modules(vae=pipe.vae)
+        with torch.no_grad():
+            vae_mse = F.mse_loss(pipe.vae.decode(pipe.vae.encode(pixels[-64:]).latent_dist.mode()).sample,
+                                 pixels[-64:]).item()
+    else:
+        print(f"[2/5] training the VAE for {args.vae_steps} steps", flush=True)
+        vae_mse = toy_world.train_vae(pipe.vae, pixels, args.vae_steps, generator, batch_size=8, held=64,
+                                      lr=args.vae_lr, object_weight=args.object_weight)
+    with torch.no_grad():  # the verifier on reconstructions: the most a transformer on these latents can score
+        recon = to_videos(pipe.vae.decode(pipe.vae.encode(pixels[-64:]).latent_dist.mode()).sample)
+    recon_scores = np.array([score(s, v) for s, v in zip(specs[-64:], recon)]).mean(axis=0)
+    print(f"      reconstruction MSE on held videos: {vae_mse:.5f}, strict/dense {recon_scores[0]:.2f}/"
+          f"{recon_scores[1]:.2f}", flush=True)
 
     print("[3/5] encoding the data set and fitting the latents' mean and std per channel", flush=True)
     with torch.no_grad():
         raw = torch.cat([pipe.vae.encode(pixels[i : i + 256]).latent_dist.mode() for i in range(0, len(pixels), 256)])
     mean, std = raw.mean(dim=(0, 2, 3, 4)), raw.std(dim=(0, 2, 3, 4))
+    if args.vae_from:  # the reused VAE's own statistics, so that its saved config stays as it was
+        mean, std = torch.tensor(pipe.vae.config.latents_mean), torch.tensor(pipe.vae.config.latents_std)
     pipe.vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())  # decoded as x * std + mean
     latents = (raw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
 
@@ -396,7 +429,8 @@ def build(args: BuildArgs) -> dict:
 
     print("[5/5] evaluating the base model and saving", flush=True)
     pipe.set_progress_bar_config(disable=True)
-    report = {"vae_reconstruction_mse": vae_mse, "flow_loss_last_250_steps": float(np.mean(losses[-250:])),
+    report = {"vae_reconstruction_mse": vae_mse, "vae_reconstruction_strict_dense": recon_scores.tolist(),
+              "flow_loss_last_250_steps": float(np.mean(losses[-250:])),
               "parameters": n_params, "held_out": evaluate_pipeline(pipe, held_out, args.eval_per_family, seed=1),
               "train": evaluate_pipeline(pipe, train_specs, args.eval_per_family, seed=2), "args": vars(args)}
     os.makedirs(args.output_dir, exist_ok=True)
