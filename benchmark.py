@@ -745,9 +745,9 @@ SIDE_BY_SIDE = {  # name: (flags, iterations, evaluations); 250 all-step iterati
 SIDE_SEEDS = (0, 1, 2)
 SIDE_CONTRASTS = [("dense/flow_w2", "dense/flow_all"), ("dense/op_w2", "dense/flow_all"),  # (variant, reference)
                   ("dense/op_w2", "dense/flow_w2"), ("B_G2/op_w2", "B_G2/flow_w2")]
-# The toy video world (RESULTS.md, "OP-GRPO vs Flow-GRPO on the toy video world", written before the runs): both arms
-# as `python op_grpo.py --model tiny-video` runs them (Flow-GRPO: rho 0), one thread each, the two arms of a seed
-# side by side; the paper's video measure is reward against training time.
+# The toy video world: both arms as `python op_grpo.py --model tiny-video` runs them (Flow-GRPO: rho 0), one thread
+# each, the two arms of a seed side by side; the paper's video measure is reward against training time. It loads the
+# tiny Wan model from tiny_wan/ (built by `python toy_video.py`).
 VIDEO_ARCHIVE = os.path.join(HERE, "assets", "video_runs")
 VIDEO_SIDE_BY_SIDE = {"video/op_grpo": (["--model", "tiny-video"], 150, 10),
                       "video/flow_grpo": (["--model", "tiny-video", *ARMS["flow_grpo"]], 150, 10)}
