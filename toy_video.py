@@ -400,28 +400,26 @@ def build(args: BuildArgs) -> dict:
         from diffusers import AutoencoderKLWan
 
         print(f"[2/5] reusing the VAE of {args.vae_from}", flush=True)
-        pipe.vae = AutoencoderKLWan.from_pretrained(args.vae_from, subfolder="vae")
-        pipe.register_modules(vae=pipe.vae)
-        with torch.no_grad():
-            vae_mse = F.mse_loss(pipe.vae.decode(pipe.vae.encode(pixels[-64:]).latent_dist.mode()).sample,
-                                 pixels[-64:]).item()
+        pipe.register_modules(vae=AutoencoderKLWan.from_pretrained(args.vae_from, subfolder="vae"))
     else:
         print(f"[2/5] training the VAE for {args.vae_steps} steps", flush=True)
-        vae_mse = toy_world.train_vae(pipe.vae, pixels, args.vae_steps, generator, batch_size=8, held=64,
-                                      lr=args.vae_lr, object_weight=args.object_weight)
-    with torch.no_grad():  # the verifier on reconstructions: the most a transformer on these latents can score
-        recon = to_videos(pipe.vae.decode(pipe.vae.encode(pixels[-64:]).latent_dist.mode()).sample)
-    recon_scores = np.array([score(s, v) for s, v in zip(specs[-64:], recon)]).mean(axis=0)
+        toy_world.train_vae(pipe.vae, pixels, args.vae_steps, generator, batch_size=8, held=64, lr=args.vae_lr,
+                            object_weight=args.object_weight)
+    with torch.no_grad():  # MSE and the verifier on reconstructions: the most a transformer on these latents can score
+        recon = pipe.vae.decode(pipe.vae.encode(pixels[-64:]).latent_dist.mode()).sample
+    vae_mse = F.mse_loss(recon, pixels[-64:]).item()
+    recon_scores = np.array([score(s, v) for s, v in zip(specs[-64:], to_videos(recon))]).mean(axis=0)
     print(f"      reconstruction MSE on held videos: {vae_mse:.5f}, strict/dense {recon_scores[0]:.2f}/"
           f"{recon_scores[1]:.2f}", flush=True)
 
     print("[3/5] encoding the data set and fitting the latents' mean and std per channel", flush=True)
     with torch.no_grad():
         raw = torch.cat([pipe.vae.encode(pixels[i : i + 256]).latent_dist.mode() for i in range(0, len(pixels), 256)])
-    mean, std = raw.mean(dim=(0, 2, 3, 4)), raw.std(dim=(0, 2, 3, 4))
-    if args.vae_from:  # the reused VAE's own statistics, so that its saved config stays as it was
+    if args.vae_from:  # the reused VAE's own statistics, saved with it
         mean, std = torch.tensor(pipe.vae.config.latents_mean), torch.tensor(pipe.vae.config.latents_std)
-    pipe.vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())  # decoded as x * std + mean
+    else:
+        mean, std = raw.mean(dim=(0, 2, 3, 4)), raw.std(dim=(0, 2, 3, 4))
+        pipe.vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())  # decoded as x * std + mean
     latents = (raw - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)
 
     print(f"[4/5] training the transformer and text encoder for {args.transformer_steps} steps", flush=True)
