@@ -671,8 +671,9 @@ def watched_run(args: ProfileArgs, run: op_grpo.Args) -> tuple[list[dict], RunWa
     return rows, watcher, time.perf_counter() - clock
 
 
-def profile(args: ProfileArgs) -> dict:
-    """Build (in a process of its own, so that host RSS and GPU peaks are the run's), run, time, estimate."""
+def profile(args: ProfileArgs, save=lambda results: None) -> dict:
+    """Build (in a process of its own, so that host RSS and GPU peaks are the run's), run, time, estimate; then the
+    windowed run. `save` is handed the results before the windowed run too, so that a run stopped there keeps them."""
     if args.iterations < 2:
         raise SystemExit("profile_sd3.py: error: --iterations must be at least 2 (the first is warm-up)")
     depth = args.depth or FULL_LAYERS[args.model]
@@ -698,17 +699,10 @@ def profile(args: ProfileArgs) -> dict:
     import peft
     import transformers
 
-    windowed = None
-    if args.sde_window:  # the same run with a window: only its steps are stochastic, stored, re-scored and trained
-        run_window = replace(run, sde_window=args.sde_window, output_dir=run.output_dir + "_window")
-        rows_window, _, seconds_window = watched_run(args, run_window)
-        windowed = {"sde_window": args.sde_window, "run_total": round(seconds_window, 1),
-                    "per_iteration_mean": {k: mean([r[k] for r in rows_window if r["iteration"] in measured and k in r])
-                                           for k in STAGES}}
-    return {
+    results = {
         "what": f"op_grpo.py --model {args.model} on a pipeline of "
                 f"{'Wan2.1-T2V-1.3B' if args.model == 'wan' else 'SD3.5-Medium'}'s architecture with random weights",
-        "windowed": windowed,
+        "windowed": "not run" if not args.sde_window else "stopped before it finished",
         "profile_args": asdict(args),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                   else f"cpu ({platform.machine()}, {os.cpu_count()} cores), {torch.get_num_threads()} torch threads",
@@ -740,19 +734,33 @@ def profile(args: ProfileArgs) -> dict:
         "arithmetic": memory_arithmetic(op_grpo.with_presets(op_grpo.Args(model=args.model,
                                                                           micro_batch=args.micro_batch))),
     }
+    save(results)
+    if args.sde_window:  # the same run with a window: only its steps are stochastic, stored, re-scored and trained
+        print(f"measurements so far saved; now the same run with --sde-window {args.sde_window}", flush=True)
+        run_window = replace(run, sde_window=args.sde_window, output_dir=run.output_dir + "_window")
+        rows_window, _, seconds_window = watched_run(args, run_window)
+        results["windowed"] = {
+            "sde_window": args.sde_window, "run_total": round(seconds_window, 1),
+            "per_iteration_mean": {k: mean([r[k] for r in rows_window if r["iteration"] in measured and k in r])
+                                   for k in STAGES}}
+    return results
 
 
 def main(args: ProfileArgs) -> dict:
     args = replace(args, output=args.output or f"assets/profile_{args.model}.json")
-    results = profile(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=1)
+
+    def save(results: dict) -> None:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=1)
+
+    results = profile(args, save)
+    save(results)
     s, o, gpu = results["seconds"], results["overhead"], results["memory"]["gpu"]
     stages = ", ".join(f"{k.removeprefix('time/')} {v:.2f} s" for k, v in s["per_iteration_mean"].items() if v)
     print(f"\n{results['device']}: iteration {s['iteration_wall_mean']:.2f} s wall; {stages}; "
           f"overhead ratio {o['ratio']:.2f} (target <= {o['target']})")
-    if results["windowed"]:
+    if isinstance(results["windowed"], dict):
         w = results["windowed"]
         print(f"with --sde-window {w['sde_window']}: " + ", ".join(
             f"{k.removeprefix('time/')} {v:.2f} s" for k, v in w["per_iteration_mean"].items() if v))

@@ -1602,10 +1602,19 @@ def test_profile_runs_op_grpo_sd3_end_to_end_on_the_reduced_build(reduced_pipeli
         text_depth=1, resolution=64, max_sequence_length=4, prompts_per_iteration=2, group_size=2, micro_batch=2,
         off_policy_fraction=0.5, num_steps=4, iterations=2, eval_per_family=2, eval_steps=2, activations=False,
         timing_repeats=1, device="cpu", threads=1, sde_window=2)
+    on_disk, watched_run = [], profile_sd3.watched_run
+
+    def watched_run_reading_the_file(profile_args, run):  # what a run stopped at this point would have left
+        on_disk.append(json.load(open(args.output)) if os.path.exists(args.output) else None)
+        return watched_run(profile_args, run)
+
+    monkeypatch.setattr(profile_sd3, "watched_run", watched_run_reading_the_file)
     try:
         results = profile_sd3.main(args)
     finally:
         torch.set_num_threads(threads)
+    assert on_disk[0] is None and on_disk[1]["windowed"] == "stopped before it finished"
+    assert on_disk[1]["overhead"]["ratio"] == results["overhead"]["ratio"]  # the first run's results were saved
     assert json.load(open(args.output))["overhead"]["ratio"] == results["overhead"]["ratio"] > 0
     assert results["build"]["seconds"] == "reused" and results["op_grpo_args"]["lora_rank"] == 32
     windowed = results["windowed"]  # the same run with an SDE window of 2 of the 4 steps, beside it
