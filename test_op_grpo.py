@@ -1839,6 +1839,24 @@ def test_video_build_runs_end_to_end_and_loads_with_the_stock_wan_pipeline(reduc
     assert second["vae_reconstruction_mse"] == pytest.approx(report["vae_reconstruction_mse"], rel=1e-4)
 
 
+def test_video_build_with_less_time_compression_keeps_more_latent_frames(tmp_path):
+    """--time-factor 2: the VAE packs 2 frames into each latent frame after the first (9 -> 5), the saved
+    pipeline says so, and the stock pipeline's latents and videos have the matching frame counts."""
+    import toy_video
+
+    args = toy_video.BuildArgs(output_dir=str(tmp_path / "tiny_wan"), num_videos=16, vae_steps=1, transformer_steps=1,
+                               eval_per_family=1, threads=1, time_factor=2, latent_channels=4, num_heads=2)
+    toy_video.build(args)
+    pipe = WanPipeline.from_pretrained(args.output_dir, local_files_only=True)
+    assert pipe.vae_scale_factor_temporal == 2
+    video = toy_video.to_tensor([toy_video.render(toy_video.all_specs()[0], random.Random(0))])
+    assert pipe.vae.encode(video).latent_dist.mode().shape == (1, 4, 5, 8, 8)
+    run = dict(num_inference_steps=1, guidance_scale=1.0, height=32, width=32, num_frames=toy_video.FRAMES,
+               max_sequence_length=toy_video.TOKENS)
+    assert pipe("a red circle moving left", output_type="latent", **run).frames.shape == (1, 4, 5, 8, 8)
+    assert len(pipe("a red circle moving left", **run).frames[0]) == toy_video.FRAMES
+
+
 def test_tiny_video_runs_the_whole_job_on_the_toy_video_world_with_replay(reduced_tiny_wan, tmp_path, monkeypatch):
     import toy_video
 

@@ -26,6 +26,7 @@ import random
 import time
 from dataclasses import dataclass
 from itertools import combinations, product
+from typing import Literal
 
 import numpy as np
 import torch
@@ -249,11 +250,17 @@ class BuildArgs:
     object_weight: float = 4.0
     """extra weight of pixels away from the background in the VAE's loss (toy_world.train_vae)"""
     latent_channels: int = 16
-    """the VAE's z_dim: each latent pixel stands for 4 frames x 4 x 4 pixels"""
+    """the VAE's z_dim: each latent pixel stands for --time-factor frames x 4 x 4 pixels"""
+    time_factor: Literal[2, 4] = 4
+    """the VAE's compression in time after the first frame (Wan's: 4; 9 frames -> 3 or 5 latent frames). Not 1:
+    WanPipeline then rounds 9 frames up to 10"""
     transformer_steps: int = 3000
     """Wan transformer (and UMT5 encoder) flow-matching steps (batch 32)"""
     eval_per_family: int = 64
     """videos per family and per prompt set (train / held-out) for the base model's report"""
+    guidance_scale: float = 1.0
+    """classifier-free guidance of the report's and the sample strip's videos (10% of captions are dropped in
+    training, so any scale works)"""
     num_layers: int = 4
     """transformer blocks"""
     num_heads: int = 12
@@ -281,9 +288,10 @@ def build_pipeline(args: BuildArgs, tokenizer):
 
     torch.manual_seed(args.seed)
     z = args.latent_channels
-    vae = AutoencoderKLWan(base_dim=16, z_dim=z, dim_mult=[1, 2, 2], num_res_blocks=1,
-                           temperal_downsample=[True, True], latents_mean=[0.0] * z, latents_std=[1.0] * z,
-                           scale_factor_temporal=4, scale_factor_spatial=4)
+    in_time = [False, True] if args.time_factor == 2 else [True, True]  # halve the frames in one stage or in both
+    vae = AutoencoderKLWan(base_dim=16, z_dim=z, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=in_time,
+                           latents_mean=[0.0] * z, latents_std=[1.0] * z, scale_factor_temporal=args.time_factor,
+                           scale_factor_spatial=4)
     transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=args.num_heads, attention_head_dim=16,
                                         in_channels=z, out_channels=z, text_dim=32, freq_dim=64,
                                         ffn_dim=32 * args.num_heads,
@@ -343,22 +351,23 @@ def train_transformer(pipe, latents, prompts, steps, generator) -> list[float]:
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seed: int) -> list[list[Image.Image]]:
-    """The stock pipeline's videos (ODE, 10 steps, no guidance), 32 at a time."""
+def generate(pipe, prompts: list[str], seed: int, guidance: float = 1.0) -> list[list[Image.Image]]:
+    """The stock pipeline's videos (ODE, 10 steps), 32 at a time."""
     videos = []
     for start in range(0, len(prompts), 32):
-        videos += pipe(prompts[start : start + 32], num_inference_steps=10, guidance_scale=1.0, height=SIZE,
+        videos += pipe(prompts[start : start + 32], num_inference_steps=10, guidance_scale=guidance, height=SIZE,
                        width=SIZE, num_frames=FRAMES, max_sequence_length=TOKENS, output_type="pil",
                        generator=torch.Generator().manual_seed(seed + start)).frames
     return videos
 
 
-def evaluate_pipeline(pipe, specs: list[VideoSpec], n: int, seed: int) -> dict:
+def evaluate_pipeline(pipe, specs: list[VideoSpec], n: int, seed: int, guidance: float = 1.0) -> dict:
     """Strict and dense scores of the stock pipeline on n prompts per family, and their EVAL_MIX mean."""
     rng, report = random.Random(seed), {}
     for family in FAMILIES:
         chosen = [rng.choice([s for s in specs if s.family == family]) for _ in range(n)]
-        scores = np.array([score(s, v) for s, v in zip(chosen, generate(pipe, [describe(s) for s in chosen], seed))])
+        videos = generate(pipe, [describe(s) for s in chosen], seed, guidance)
+        scores = np.array([score(s, v) for s, v in zip(chosen, videos)])
         report[family] = {"strict": float(scores[:, 0].mean()), "dense": float(scores[:, 1].mean()), "n": n}
     report["mix"] = {k: sum(EVAL_MIX[f] * report[f][k] for f in FAMILIES) for k in ("strict", "dense")}
     return report
@@ -429,13 +438,16 @@ def build(args: BuildArgs) -> dict:
     pipe.set_progress_bar_config(disable=True)
     report = {"vae_reconstruction_mse": vae_mse, "vae_reconstruction_strict_dense": recon_scores.tolist(),
               "flow_loss_last_250_steps": float(np.mean(losses[-250:])),
-              "parameters": n_params, "held_out": evaluate_pipeline(pipe, held_out, args.eval_per_family, seed=1),
-              "train": evaluate_pipeline(pipe, train_specs, args.eval_per_family, seed=2), "args": vars(args)}
+              "parameters": n_params,
+              "held_out": evaluate_pipeline(pipe, held_out, args.eval_per_family, 1, args.guidance_scale),
+              "train": evaluate_pipeline(pipe, train_specs, args.eval_per_family, 2, args.guidance_scale),
+              "args": vars(args)}
     os.makedirs(args.output_dir, exist_ok=True)
     pipe.save_pretrained(args.output_dir)
     shown = [describe(random.Random(3 + i).choice([s for s in held_out if s.family == f]))
              for f in FAMILIES for i in range(4)]
-    frame_strips(shown, generate(pipe, shown, seed=3), os.path.join(args.output_dir, "base_samples.png"))
+    strip = os.path.join(args.output_dir, "base_samples.png")
+    frame_strips(shown, generate(pipe, shown, 3, args.guidance_scale), strip)
     report["build_seconds"] = time.time() - start
     with open(os.path.join(args.output_dir, "build_report.json"), "w") as f:
         json.dump(report, f, indent=2)
