@@ -1830,10 +1830,13 @@ def test_video_build_runs_end_to_end_and_loads_with_the_stock_wan_pipeline(reduc
     frames = pipe("a red circle moving left", num_inference_steps=2, guidance_scale=1.0, height=32, width=32,
                   num_frames=9, max_sequence_length=toy_video.TOKENS).frames[0]
     assert len(frames) == 9 and os.path.exists(os.path.join(args.output_dir, "base_samples.png"))
-    # --vae-from: a second build trains only the transformer on the first build's VAE, normalisation included
-    again = dataclasses.replace(args, output_dir=args.output_dir + "_again", vae_from=args.output_dir, num_heads=4)
+    # --vae-from: a second build trains only the transformer on the first build's VAE, normalisation included; the
+    # VAE's channels and time factor win over the flags
+    again = dataclasses.replace(args, output_dir=args.output_dir + "_again", vae_from=args.output_dir, num_heads=4,
+                                latent_channels=4, time_factor=2)
     second = toy_video.build(again)
     reused = WanPipeline.from_pretrained(again.output_dir, local_files_only=True)
+    assert reused.transformer.config.in_channels == args.latent_channels and reused.vae_scale_factor_temporal == 4
     assert reused.vae.config.latents_mean == pipe.vae.config.latents_mean and reused.vae.config.latents_std == std
     assert all(torch.equal(a, b) for a, b in zip(reused.vae.state_dict().values(), pipe.vae.state_dict().values()))
     assert second["vae_reconstruction_mse"] == pytest.approx(report["vae_reconstruction_mse"], rel=1e-4)

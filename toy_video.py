@@ -24,7 +24,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations, product
 from typing import Literal
 
@@ -268,7 +268,8 @@ class BuildArgs:
     threads: int = 2
     """torch CPU threads"""
     vae_from: str | None = None
-    """reuse the trained VAE (and its latent mean and std) of an earlier build's folder instead of training one"""
+    """reuse the trained VAE (and its latent mean and std) of an earlier build's folder instead of training one; its
+    channels and time factor replace --latent-channels and --time-factor"""
 
 
 def build_tokenizer():
@@ -393,6 +394,11 @@ def frame_strips(prompts: list[str], videos: list, path: str, every: int = 2, zo
 
 def build(args: BuildArgs) -> dict:
     torch.set_num_threads(args.threads)
+    if args.vae_from:  # the reused VAE fixes the latents' channels and frames
+        from diffusers import AutoencoderKLWan
+
+        vae_config = AutoencoderKLWan.load_config(args.vae_from, subfolder="vae")
+        args = replace(args, latent_channels=vae_config["z_dim"], time_factor=vae_config["scale_factor_temporal"])
     start = time.time()
     rng, generator = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
     train_specs, held_out = split_specs()
@@ -406,8 +412,6 @@ def build(args: BuildArgs) -> dict:
     print(f"      parameters: {n_params}", flush=True)
 
     if args.vae_from:
-        from diffusers import AutoencoderKLWan
-
         print(f"[2/5] reusing the VAE of {args.vae_from}", flush=True)
         pipe.register_modules(vae=AutoencoderKLWan.from_pretrained(args.vae_from, subfolder="vae"))
     else:
