@@ -394,11 +394,12 @@ def frame_strips(prompts: list[str], videos: list, path: str, every: int = 2, zo
 
 def build(args: BuildArgs) -> dict:
     torch.set_num_threads(args.threads)
+    reused = None
     if args.vae_from:  # the reused VAE fixes the latents' channels and frames
         from diffusers import AutoencoderKLWan
 
-        vae_config = AutoencoderKLWan.load_config(args.vae_from, subfolder="vae")
-        args = replace(args, latent_channels=vae_config["z_dim"], time_factor=vae_config["scale_factor_temporal"])
+        reused = AutoencoderKLWan.from_pretrained(args.vae_from, subfolder="vae")
+        args = replace(args, latent_channels=reused.config.z_dim, time_factor=reused.config.scale_factor_temporal)
     start = time.time()
     rng, generator = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
     train_specs, held_out = split_specs()
@@ -413,7 +414,7 @@ def build(args: BuildArgs) -> dict:
 
     if args.vae_from:
         print(f"[2/5] reusing the VAE of {args.vae_from}", flush=True)
-        pipe.register_modules(vae=AutoencoderKLWan.from_pretrained(args.vae_from, subfolder="vae"))
+        pipe.register_modules(vae=reused)
     else:
         print(f"[2/5] training the VAE for {args.vae_steps} steps", flush=True)
         toy_world.train_vae(pipe.vae, pixels, args.vae_steps, generator, batch_size=8, held=64, lr=args.vae_lr,
