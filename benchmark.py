@@ -749,8 +749,8 @@ SIDE_CONTRASTS = [("dense/flow_w2", "dense/flow_all"), ("dense/op_w2", "dense/fl
 # each, the two arms of a seed side by side; the paper's video measure is reward against training time. It loads the
 # tiny Wan model from tiny_wan/ (built by `python toy_video.py`).
 VIDEO_ARCHIVE = os.path.join(HERE, "assets", "video_runs")
-VIDEO_SIDE_BY_SIDE = {"video/op_grpo": (["--model", "tiny-video"], 150, 10),
-                      "video/flow_grpo": (["--model", "tiny-video", *ARMS["flow_grpo"]], 150, 10)}
+VIDEO_SIDE_BY_SIDE = {"video/op_grpo": (["--model", "tiny-video"], 100, 10),
+                      "video/flow_grpo": (["--model", "tiny-video", *ARMS["flow_grpo"]], 100, 10)}
 VIDEO_CONTRASTS = [("video/op_grpo", "video/flow_grpo")]
 
 

@@ -213,9 +213,9 @@ PRESETS = {
                 checkpoint_every=25, kl_form="exact"),
     "tiny-video": dict(pretrained=os.path.join(HERE, "tiny_wan"), reward="motion", resolution=toy_video.SIZE,
                        num_frames=toy_video.FRAMES, max_sequence_length=toy_video.TOKENS, lora_rank=0,
-                       mixed_precision="no", micro_batch=0, iterations=200, prompts_per_iteration=8, group_size=8,
-                       num_steps=10, guidance_scale=1.0, learning_rate=1e-4, clip_range=2e-3, kl_beta=0.01,
-                       eval_every=50, eval_per_family=64, eval_steps=10, checkpoint_every=50, kl_form="exact"),
+                       mixed_precision="no", micro_batch=0, iterations=100, prompts_per_iteration=8, group_size=8,
+                       num_steps=10, guidance_scale=3.0, learning_rate=1e-4, clip_range=2e-3, kl_beta=0.01,
+                       eval_every=25, eval_per_family=64, eval_steps=10, checkpoint_every=25, kl_form="exact"),
 }
 
 
@@ -1045,8 +1045,8 @@ def main(args: Args) -> list[dict]:
     state.save(args.iterations)  # lets --resume with a higher --iterations train on
     logger.close()
     if processes.main:  # before/after scores, the grid (toy world: with strict scores), the fine-tuned weights
-        images_scored = world_of(args) is toy_world  # a video's grid cell is its middle frame: not scored alone
-        score = (lambda prompt, image: toy_world.score_prompt(prompt, image)[0]) if images_scored else None
+        world = world_of(args)  # a toy world's verifier labels the grid: images, or videos as frame strips
+        score = (lambda prompt, image: world.score_prompt(prompt, image)[0]) if world else None
         plumbing.report_results(args, state, sets, images, logger, score,
                                 lambda folder: save_weights(model.transformer, args, folder))
     return state.history
@@ -1072,7 +1072,7 @@ def evaluate(model: Model, args: Args, sets: dict, mix: dict | None, eval_sigmas
             latents, _ = sample_trajectories(model, noise, eval_sigmas, 0, chunk, 0, args.guidance_scale,
                                              args.micro_batch)
             images += decode(model.pipe, latents[:, -1], args.micro_batch)
-        images_by_set[name] = [v[len(v) // 2] if isinstance(v, list) else v for v in images]  # videos: middle frames
+        images_by_set[name] = images  # videos: lists of frames
         if world_of(args):
             strict, dense = world_of(args).score_by_family(prompts, images)
         else:

@@ -724,8 +724,36 @@ def grid_picks(sets: dict, n: int = 16) -> list[tuple[int, str]]:
 
 
 def grid_images(images: dict, sets: dict) -> list[torch.Tensor]:
-    """The grid's picks of an evaluation's images as (H, W, 3) uint8 tensors, to be kept in the checkpoint."""
+    """The grid's picks of an evaluation's images as (H, W, 3) uint8 tensors (videos: (F, H, W, 3)), to be kept in
+    the checkpoint."""
     return [torch.from_numpy(np.array(images[next(iter(sets))][i])) for i, _ in grid_picks(sets)]
+
+
+def to_pil(picture: torch.Tensor):
+    """A grid_images tensor back to a PIL image, or to a video's list of PIL frames."""
+    array = picture.numpy()
+    return Image.fromarray(array) if array.ndim == 3 else [Image.fromarray(frame) for frame in array]
+
+
+def before_after_strips(prompts, before, after, path, score=None, title=(), zoom=2, columns=2) -> None:
+    """Each video before training above the same prompt's video after, its frames side by side and labelled with the
+    prompt and (toy world) the strict score, in `columns` columns; score(prompt, video) -> 0/1."""
+    side, label_h, gap = before[0][0].width * zoom, 12, 8
+    cell_w, cell_h = max(6 * 62, (side + 2) * len(before[0])), 2 * (side + label_h + 2) + gap
+    top = 8 + 14 * len(title) if title else 0
+    strip = Image.new("RGB", (4 + cell_w * columns, top + cell_h * math.ceil(len(prompts) / columns)), "white")
+    draw = ImageDraw.Draw(strip)
+    for n, text in enumerate(title):
+        draw.text((4, 4 + 14 * n), text, fill="black")
+    for i, prompt in enumerate(prompts):
+        x, y = 4 + (i % columns) * cell_w, top + (i // columns) * cell_h
+        for row, (label, video) in enumerate((("before", before[i]), ("after", after[i]))):
+            y_row = y + row * (side + label_h + 2)
+            verdict = f" [{score(prompt, video):.0f}]" if score else ""
+            draw.text((x, y_row), f"{label}{verdict}: {prompt}", fill="black")
+            for f, frame in enumerate(video):
+                strip.paste(frame.resize((side, side), Image.NEAREST), (x + f * (side + 2), y_row + label_h))
+    strip.save(path)
 
 
 def before_after_grid(prompts, before, after, path, score=None, columns=8, title=()):
@@ -757,8 +785,8 @@ def grid_title(before: dict, after: dict, sets: dict, scored: bool) -> list[str]
              f"{after['eval_change_se']:.3f}, paired SE), over {', '.join(sets)}"
     if not scored:
         return [f"Before and after training, the same prompts and noise. Mean reward {change}"]
-    return ["Before and after training, the same prompts and noise. Under each image, the strict toy-GenEval "
-            "verifier: 1 = the image shows what its prompt asks, 0 = it does not.",
+    return ["Before and after training, the same prompts and noise. With each image (video), the strict verifier of "
+            "the toy world: 1 = it shows what its prompt asks, 0 = it does not.",
             f"Strict accuracy of the whole evaluation {change}; {len(next(iter(sets.values())))} "
             f"{next(iter(sets))} prompts, 16 shown."]
 
@@ -773,9 +801,10 @@ def report_results(args, state, sets: dict, images: dict, logger, score, save_we
     for key in sorted(families):
         print(f"  {key:28s} {before[key]:.3f} -> {final[key]:.3f}")
     picks, grid_path = grid_picks(sets), os.path.join(args.output_dir, "before_after.png")
-    before_after_grid([p for _, p in picks], [Image.fromarray(t.numpy()) for t in state.baseline["grid"]],
-                      [images[next(iter(sets))][i] for i, _ in picks], grid_path, score,
-                      title=grid_title(before, final, sets, score is not None))
+    before_pictures, after = [to_pil(t) for t in state.baseline["grid"]], [images[next(iter(sets))][i] for i, _ in picks]
+    draw = before_after_strips if isinstance(after[0], list) else before_after_grid  # videos: rows of frames
+    draw([p for _, p in picks], before_pictures, after, grid_path, score,
+         title=grid_title(before, final, sets, score is not None))
     weights = "lora" if args.lora_rank else "transformer"
     save_weights(os.path.join(args.output_dir, weights))
     logger.finish(grid_path)

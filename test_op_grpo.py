@@ -904,6 +904,24 @@ def test_bad_paths_and_devices_are_named_before_loading(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_video_before_after_strips_show_every_frame_of_both_videos_and_score_whole_videos(tmp_path):
+    def video(colour):
+        return [Image.new("RGB", (8, 8), colour) for _ in range(3)]
+
+    scored = []
+    plumbing.before_after_strips(["a red square moving left"], [video("red")], [video("blue")], tmp_path / "s.png",
+                                 score=lambda prompt, v: scored.append(v) or 1.0, zoom=2)
+    strip = np.asarray(Image.open(tmp_path / "s.png").convert("RGB"))
+    side, label = 16, 12  # frames zoomed 2x, below a label line; the after row below the before row
+    for f in range(3):
+        x = 4 + f * (side + 2) + side // 2
+        assert tuple(strip[label + side // 2, x]) == (255, 0, 0)
+        assert tuple(strip[(side + label + 2) + label + side // 2, x]) == (0, 0, 255)
+    assert [len(v) for v in scored] == [3, 3]  # the verifier saw whole videos
+    picture = torch.from_numpy(np.array(video("red")))  # as grid_images keeps a video in the checkpoint
+    assert picture.shape == (3, 8, 8, 3) and [f.getpixel((0, 0)) for f in plumbing.to_pil(picture)] == [(255, 0, 0)] * 3
+
+
 def test_start_up_line_and_before_after_grid_labels_and_title(tmp_path):
     line = plumbing.batch_arithmetic(op_grpo.with_presets(Args(off_policy_fraction=0.125)), 1)
     assert "1 replayed group on average" in line and "2 updates of 32 samples" in line
@@ -920,7 +938,7 @@ def test_start_up_line_and_before_after_grid_labels_and_title(tmp_path):
     after = {"eval_reward": 0.419, "eval_change": 0.033, "eval_change_se": 0.02}
     sets = {"held_out": ["a red circle"] * 384, "train": ["a red circle"] * 384}
     title = plumbing.grid_title(before, after, sets, scored=True)
-    assert "strict toy-GenEval verifier: 1 = the image shows what its prompt asks, 0 = it does not" in title[0]
+    assert "strict verifier of the toy world: 1 = it shows what its prompt asks, 0 = it does not" in title[0]
     assert "0.386 -> 0.419 (change +0.033 +- 0.020, paired SE), over held_out, train" in title[1]
     assert "384 held_out prompts, 16 shown" in title[1]
     assert plumbing.grid_title(before, after, sets, scored=False)[0].endswith("Mean reward 0.386 -> 0.419 (change "
@@ -1785,6 +1803,10 @@ def test_video_verifier_passes_ground_truth_and_fails_wrong_static_and_reversed_
         video = toy_video.render(spec, rng)
         assert len(video) == toy_video.FRAMES and video[0].size == (toy_video.SIZE, toy_video.SIZE)
         assert toy_video.score(spec, video) == (1.0, 1.0), toy_video.describe(spec)
+        if spec.family == "pair":  # the first-named object on the left, in every frame
+            (a, _), (b, _) = spec.objects
+            assert all(found[a]["centre"][0] < found[b]["centre"][0]
+                       for found in ({o["colour"]: o for o in toy_world.find_objects(f)} for f in video))
         assert toy_video.score(spec, video[::-1])[0] == 0.0  # played backwards: the opposite motion
         assert toy_video.score(spec, [video[0]] * len(video))[0] == 0.0  # standing still
         for other in (s for s in toy_video.all_specs() if s.objects == spec.objects and s.motion != spec.motion):
@@ -1819,6 +1841,25 @@ def test_object_weighted_mse_counts_object_pixels_one_plus_w_times():
         torch.nn.functional.mse_loss(recon[..., 0], target[..., 0]).item())  # w 0: plain MSE (4-D: images)
 
 
+def test_embedded_tiny_wan_loads_offline_generates_and_was_built_with_headroom():
+    """tiny_wan/ (python toy_video.py) loads with the stock pipeline and makes videos of the world's shape; its build
+    report, made at the tiny-video preset's guidance, leaves RL headroom: held-out strict accuracy in [0.3, 0.7]."""
+    import toy_video
+
+    folder = os.path.join(HERE, "tiny_wan")
+    pipe = WanPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    guidance = op_grpo.PRESETS["tiny-video"]["guidance_scale"]
+    frames = pipe(["a red circle moving left"], num_inference_steps=4, guidance_scale=guidance, height=toy_video.SIZE,
+                  width=toy_video.SIZE, num_frames=toy_video.FRAMES, max_sequence_length=toy_video.TOKENS,
+                  output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, toy_video.FRAMES, toy_video.SIZE, toy_video.SIZE, 3) and np.isfinite(frames).all()
+    assert frames.std() > 0.05  # a video, not a flat field
+    report = json.loads(open(os.path.join(folder, "build_report.json")).read())
+    assert report["args"]["guidance_scale"] == guidance
+    assert 0.3 <= report["held_out"]["mix"]["strict"] <= 0.7
+
+
 def test_video_build_runs_end_to_end_and_loads_with_the_stock_wan_pipeline(reduced_tiny_wan):
     import toy_video
 
@@ -1843,7 +1884,7 @@ def test_video_build_runs_end_to_end_and_loads_with_the_stock_wan_pipeline(reduc
 
 
 def test_video_build_with_less_time_compression_keeps_more_latent_frames(tmp_path):
-    """--time-factor 2: the VAE packs 2 frames into each latent frame after the first (9 -> 5), the saved
+    """--time-factor 2: the VAE packs 2 frames into each latent frame after the first (5 -> 3), the saved
     pipeline says so, and the stock pipeline's latents and videos have the matching frame counts."""
     import toy_video
 
@@ -1853,10 +1894,11 @@ def test_video_build_with_less_time_compression_keeps_more_latent_frames(tmp_pat
     pipe = WanPipeline.from_pretrained(args.output_dir, local_files_only=True)
     assert pipe.vae_scale_factor_temporal == 2
     video = toy_video.to_tensor([toy_video.render(toy_video.all_specs()[0], random.Random(0))])
-    assert pipe.vae.encode(video).latent_dist.mode().shape == (1, 4, 5, 8, 8)
+    latent_frames = 1 + (toy_video.FRAMES - 1) // 2
+    assert pipe.vae.encode(video).latent_dist.mode().shape == (1, 4, latent_frames, 8, 8)
     run = dict(num_inference_steps=1, guidance_scale=1.0, height=32, width=32, num_frames=toy_video.FRAMES,
                max_sequence_length=toy_video.TOKENS)
-    assert pipe("a red circle moving left", output_type="latent", **run).frames.shape == (1, 4, 5, 8, 8)
+    assert pipe("a red circle moving left", output_type="latent", **run).frames.shape == (1, 4, latent_frames, 8, 8)
     assert len(pipe("a red circle moving left", **run).frames[0]) == toy_video.FRAMES
 
 

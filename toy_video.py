@@ -16,8 +16,8 @@ per-frame segmentation, and asks questions only a video can answer:
 The saved model loads with the stock pipeline:
 
     pipe = WanPipeline.from_pretrained("tiny_wan", local_files_only=True)
-    frames = pipe("a red circle moving left", num_inference_steps=10, guidance_scale=1.0, height=32, width=32,
-                  num_frames=9, max_sequence_length=TOKENS).frames[0]
+    frames = pipe("a red circle moving left", num_inference_steps=10, guidance_scale=3.0, height=32, width=32,
+                  num_frames=FRAMES, max_sequence_length=TOKENS).frames[0]
 """
 
 import json
@@ -47,7 +47,7 @@ EVAL_MIX = {"motion": 0.5, "pair": 0.5}
 HELD_OUT_FRACTION = 0.2  # of each family
 
 SIZE = 32  # pixels per frame side
-FRAMES = 9  # the VAE packs 4 frames into one after the first: 3 latent frames
+FRAMES = 5  # the VAE packs 4 frames into one after the first: 2 latent frames
 TOKENS = 10  # UMT5 tokens per prompt: "a blue square and a green triangle moving apart" is 9 words + </s>
 
 
@@ -94,15 +94,15 @@ SPEC_BY_PROMPT = {describe(s): s for s in all_specs()}
 # ---------------------------------------------------------------------------------------------------------
 # 2. The renderer: ground-truth videos for pretraining and for testing the verifier.
 # ---------------------------------------------------------------------------------------------------------
-SIDE_RANGE = (7, 9)  # object side in pixels (inclusive)
+SIDE_RANGE = (8, 10)  # object side in pixels (inclusive)
 TRAVEL = 12  # pixels an object moving alone travels from the first frame to the last
-PAIR_TRAVEL = 5  # pixels each of a pair travels, so that their distance changes by 10
+PAIR_TRAVEL = 4  # pixels each of a pair travels, so that their distance changes by 8
 MIN_GAP = 2  # pixels between the boxes of two objects in every frame
 
 
 def _paths(spec: VideoSpec, rng: random.Random) -> list[tuple[str, str, int, tuple, tuple]]:
     """Random start and end top-left corners satisfying the spec: [(colour, shape, side, start, end)]. A pair lies
-    along a random axis, in a random order; the gap between them is `near` at their closest, `near` + 2 x
+    on one row, the first-named object on the left; the gap between them is `near` at their closest, `near` + 2 x
     PAIR_TRAVEL at their furthest, and they start at one and end at the other."""
     if spec.family == "motion":
         (colour, shape), side = spec.objects[0], rng.randint(*SIDE_RANGE)
@@ -110,20 +110,14 @@ def _paths(spec: VideoSpec, rng: random.Random) -> list[tuple[str, str, int, tup
         x0 = rng.randint(max(0, -dx * TRAVEL), SIZE - side - max(0, dx * TRAVEL))
         y0 = rng.randint(max(0, -dy * TRAVEL), SIZE - side - max(0, dy * TRAVEL))
         return [(colour, shape, side, (x0, y0), (x0 + dx * TRAVEL, y0 + dy * TRAVEL))]
-    objects = list(spec.objects)
-    if rng.random() < 0.5:
-        objects.reverse()  # which object leads along the axis
-    sides, axis, near = [rng.randint(*SIDE_RANGE) for _ in objects], rng.randint(0, 1), rng.randint(MIN_GAP + 1, 4)
+    sides, near = [rng.randint(*SIDE_RANGE) for _ in spec.objects], rng.randint(MIN_GAP + 1, MIN_GAP + 2)
     far = near + 2 * PAIR_TRAVEL
-    p = rng.randint(0, SIZE - sides[0] - sides[1] - far)  # the leading object's position when furthest apart
-    apart, close = (p, p + sides[0] + far), (p + PAIR_TRAVEL, p + sides[0] + far - PAIR_TRAVEL)
+    x = rng.randint(0, SIZE - sides[0] - sides[1] - far)  # the left object's position when furthest apart
+    row = rng.randint(0, SIZE - max(sides))
+    apart, close = (x, x + sides[0] + far), (x + PAIR_TRAVEL, x + sides[0] + far - PAIR_TRAVEL)
     start, end = (close, apart) if spec.motion == "apart" else (apart, close)
-    paths = []
-    for i, ((colour, shape), side) in enumerate(zip(objects, sides)):
-        across = rng.randint(0, SIZE - side)
-        corner = (lambda t: (t, across)) if axis == 0 else (lambda t: (across, t))
-        paths.append((colour, shape, side, corner(start[i]), corner(end[i])))
-    return paths
+    return [(colour, shape, side, (start[i], row), (end[i], row))
+            for i, ((colour, shape), side) in enumerate(zip(spec.objects, sides))]
 
 
 def render(spec: VideoSpec, rng: random.Random, frames: int = FRAMES) -> list[Image.Image]:
@@ -243,7 +237,7 @@ class BuildArgs:
     """seed for data, initialisation and training (the build is deterministic for a given thread count)"""
     num_videos: int = 6000
     """rendered training videos"""
-    vae_steps: int = 1200
+    vae_steps: int = 2400
     """AutoencoderKLWan optimisation steps (batch 8)"""
     vae_lr: float = 2e-3
     """the VAE's AdamW learning rate (warm-up, then cosine decay)"""
@@ -252,15 +246,15 @@ class BuildArgs:
     latent_channels: int = 16
     """the VAE's z_dim: each latent pixel stands for --time-factor frames x 4 x 4 pixels"""
     time_factor: Literal[2, 4] = 4
-    """the VAE's compression in time after the first frame (Wan's: 4; 9 frames -> 3 or 5 latent frames). Not 1:
-    WanPipeline then rounds 9 frames up to 10"""
-    transformer_steps: int = 3000
+    """the VAE's compression in time after the first frame (Wan's: 4; 5 frames -> 2 or 3 latent frames). Not 1:
+    WanPipeline then rounds 5 frames up to 6"""
+    transformer_steps: int = 6000
     """Wan transformer (and UMT5 encoder) flow-matching steps (batch 32)"""
     eval_per_family: int = 64
     """videos per family and per prompt set (train / held-out) for the base model's report"""
-    guidance_scale: float = 1.0
-    """classifier-free guidance of the report's and the sample strip's videos (10% of captions are dropped in
-    training, so any scale works)"""
+    guidance_scale: float = 3.0
+    """classifier-free guidance of the report's and the sample strip's videos (--model tiny-video's preset; 10% of
+    captions are dropped in training, so any scale works)"""
     num_layers: int = 4
     """transformer blocks"""
     num_heads: int = 12
@@ -282,7 +276,7 @@ def build_tokenizer():
 
 def build_pipeline(args: BuildArgs, tokenizer):
     """Randomly initialised components of a WanPipeline, sized for a CPU: a VAE that downsamples 4x in space and 4x
-    in time after the first frame (9 frames of 32 px -> 16 x 3 x 8 x 8 latents), a transformer on 2 x 2 patches (48
+    in time after the first frame (5 frames of 32 px -> 16 x 2 x 8 x 8 latents), a transformer on 2 x 2 patches (32
     tokens), a 2-layer UMT5 of width 32."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
