@@ -4,8 +4,8 @@ The video counterpart of toy_world.py, small enough for a CPU. It shares that wo
 per-frame segmentation, and asks questions only a video can answer:
 
   * prompts of two families: one object moving ("a red circle moving left": 4 colours x 3 shapes x 4 directions)
-    and two objects moving apart or together ("a blue square and a green triangle moving apart"), a fixed 20% of
-    each held out;
+    and two objects moving apart or together ("a blue square and a green triangle moving apart": on one row, the
+    first-named on the left), in 5 frames of 32 x 32 pixels, a fixed 20% of each family held out;
   * a verifier of a video (a list of frames): the objects are found in its first, middle and last frames by
     toy_world.find_objects, and the motion is read from the object centres in the first and last frames. It returns
     a strict 0/1 score (every requirement met) and a dense one (the fraction met), the training reward;
