@@ -1075,6 +1075,8 @@ def evaluate(model: Model, args: Args, sets: dict, mix: dict | None, eval_sigmas
         images_by_set[name] = images  # videos: lists of frames
         if world_of(args):
             strict, dense = world_of(args).score_by_family(prompts, images)
+            rates = getattr(world_of(args), "requirement_rates", lambda *_: {})(prompts, images)  # video: motion...
+            metrics.update({f"eval/{name}/met/{kind}": rate for kind, rate in rates.items()})
         else:
             strict = dense = {"all": compute_rewards(reward_fn, args.reward, images, prompts).tolist()}
         outcomes[name] = strict

@@ -738,20 +738,29 @@ def to_pil(picture: torch.Tensor):
 def before_after_strips(prompts, before, after, path, score=None, title=(), zoom=2, columns=2) -> None:
     """Each video before training above the same prompt's video after, its frames side by side and labelled with the
     prompt and (toy world) the strict score, in `columns` columns; score(prompt, video) -> 0/1."""
-    side, label_h, gap = before[0][0].width * zoom, 12, 8
-    cell_w, cell_h = max(6 * 62, (side + 2) * len(before[0])), 2 * (side + label_h + 2) + gap
+    verdict = (lambda p, v: f" [{score(p, v):.0f}]") if score else (lambda p, v: "")
+    blocks = [[(f"{label}{verdict(p, v)}: {p}", v) for label, v in (("before", b), ("after", a))]
+              for p, b, a in zip(prompts, before, after)]
+    frame_rows(blocks, path, zoom=zoom, columns=columns, title=title)
+
+
+def frame_rows(blocks, path, zoom=2, columns=1, title=()) -> None:
+    """A PNG of labelled rows of frames: blocks = [[(label, frames), ...], ...], each block's rows one above the
+    other, the blocks in `columns` columns, `title` lines above them all."""
+    side, label_h, gap = blocks[0][0][1][0].width * zoom, 12, 8
+    cell_w = max(6 * 62, max((side + 2) * len(frames) for block in blocks for _, frames in block))
+    cell_h = max(len(block) for block in blocks) * (side + label_h + 2) + gap
     top = 8 + 14 * len(title) if title else 0
-    strip = Image.new("RGB", (4 + cell_w * columns, top + cell_h * math.ceil(len(prompts) / columns)), "white")
+    strip = Image.new("RGB", (4 + cell_w * columns, top + cell_h * math.ceil(len(blocks) / columns)), "white")
     draw = ImageDraw.Draw(strip)
     for n, text in enumerate(title):
         draw.text((4, 4 + 14 * n), text, fill="black")
-    for i, prompt in enumerate(prompts):
+    for i, block in enumerate(blocks):
         x, y = 4 + (i % columns) * cell_w, top + (i // columns) * cell_h
-        for row, (label, video) in enumerate((("before", before[i]), ("after", after[i]))):
+        for row, (label, frames) in enumerate(block):
             y_row = y + row * (side + label_h + 2)
-            verdict = f" [{score(prompt, video):.0f}]" if score else ""
-            draw.text((x, y_row), f"{label}{verdict}: {prompt}", fill="black")
-            for f, frame in enumerate(video):
+            draw.text((x, y_row), label, fill="black")
+            for f, frame in enumerate(frames):
                 strip.paste(frame.resize((side, side), Image.NEAREST), (x + f * (side + 2), y_row + label_h))
     strip.save(path)
 

@@ -1820,6 +1820,25 @@ def test_video_verifier_passes_ground_truth_and_fails_wrong_static_and_reversed_
         toy_video.score_prompt("a purple circle moving left", right)
 
 
+def test_video_requirement_rates_say_which_kind_of_requirement_fails():
+    import toy_video
+
+    rng, specs = random.Random(1), toy_video.all_specs()[::7]
+    prompts, videos = [toy_video.describe(s) for s in specs], [toy_video.render(s, rng) for s in specs]
+    every = {"present": 1.0, "shape": 1.0, "nothing else": 1.0, "motion": 1.0}
+    assert toy_video.requirement_rates(prompts, videos) == every
+    assert toy_video.requirement_rates(prompts, [v[::-1] for v in videos]) == {**every, "motion": 0.0}
+    # a circle drawn as a square in the last frame of the first of two videos: half the videos fail "shape" only
+    circle = toy_video.SPEC_BY_PROMPT["a red circle moving up"]
+    video = toy_video.render(circle, rng)
+    square = toy_video.render(toy_video.SPEC_BY_PROMPT["a red square moving up"], random.Random(5))
+    assert toy_video.requirements(circle, video[:-1] + square[-1:])["red circle"] == pytest.approx(2 / 3)
+    rates = toy_video.requirement_rates(["a red circle moving up"] * 2, [video[:-1] + square[-1:], video])
+    assert rates["shape"] == 0.5 and rates["present"] == rates["nothing else"] == 1.0
+    assert [toy_video.requirement_kind(k) for k in ("red present", "red circle", "nothing else", "motion")] == [
+        "present", "shape", "nothing else", "motion"]
+
+
 @pytest.fixture(scope="module")
 def reduced_tiny_wan(tmp_path_factory):
     """python toy_video.py in a reduced setting (96 videos, 2 steps of each training): (build args, report)."""
@@ -1900,6 +1919,15 @@ def test_video_build_with_less_time_compression_keeps_more_latent_frames(tmp_pat
                max_sequence_length=toy_video.TOKENS)
     assert pipe("a red circle moving left", output_type="latent", **run).frames.shape == (1, 4, latent_frames, 8, 8)
     assert len(pipe("a red circle moving left", **run).frames[0]) == toy_video.FRAMES
+    # --report-only: the saved pipeline evaluated again at another guidance; the build's own record stays
+    built = json.loads(open(os.path.join(args.output_dir, "build_report.json")).read())
+    again = toy_video.report_again(dataclasses.replace(args, report_only=True, guidance_scale=2.5, eval_per_family=2))
+    saved = json.loads(open(os.path.join(args.output_dir, "build_report.json")).read())
+    assert saved == again and saved["args"]["guidance_scale"] == 2.5 and saved["held_out"]["motion"]["n"] == 2
+    assert {k: saved[k] for k in ("flow_loss_last_250_steps", "build_seconds", "parameters")} == {
+        k: built[k] for k in ("flow_loss_last_250_steps", "build_seconds", "parameters")}
+    held_out = toy_video.evaluate_pipeline(pipe, toy_video.split_specs()[1], 2, 1, 2.5)
+    assert saved["held_out"]["mix"] == pytest.approx(held_out["mix"])
 
 
 def test_tiny_video_runs_the_whole_job_on_the_toy_video_world_with_replay(reduced_tiny_wan, tmp_path, monkeypatch):
@@ -1910,6 +1938,7 @@ def test_tiny_video_runs_the_whole_job_on_the_toy_video_world_with_replay(reduce
     rows = op_grpo.main(args)
     assert any(r["replayed_groups"] for r in rows) and all(math.isfinite(r["loss"]) for r in rows)
     assert {"eval/held_out/motion", "eval/held_out/pair", "eval/train/motion", "eval/train/pair"} <= set(rows[-1])
+    assert all(0 <= rows[-1][f"eval/{s}/met/{k}"] <= 1 for s in ("held_out", "train") for k in ("shape", "motion"))
     assert all(0 <= rows[-1][f"eval/{s}"] <= 1 for s in ("held_out", "train"))
     sets = toy_video.eval_prompts(2)
     assert set(sets["held_out"]) <= {toy_video.describe(s) for s in toy_video.split_specs()[1]}

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import tyro
 from PIL import Image, ImageDraw
 
+import plumbing
 import toy_world
 from toy_world import BACKGROUND, COLOURS, SHAPES, draw_shape, find_objects, sample_specs, warmup_cosine
 
@@ -224,6 +225,23 @@ def score_by_family(prompts: list[str], videos: list) -> tuple[dict, dict]:
     return strict, dense
 
 
+def requirement_kind(key: str) -> str:
+    """The kind of a `requirements` key: "red present" -> present, "red circle" -> shape, else the key itself."""
+    return key if key in ("nothing else", "motion") else "present" if key.endswith(" present") else "shape"
+
+
+def requirement_rates(prompts: list[str], videos: list) -> dict[str, float]:
+    """The fraction of videos meeting each kind of requirement in full: every named colour present in the checked
+    frames, every object of its named shape there, no other colour, and the motion. Beside strict accuracy it shows
+    which requirement a change comes from (the motion, or a shape misread in one frame)."""
+    met = {"present": [], "shape": [], "nothing else": [], "motion": []}
+    for prompt, video in zip(prompts, videos):
+        scores = requirements(SPEC_BY_PROMPT[prompt], video)
+        for kind in met:
+            met[kind].append(all(v == 1.0 for k, v in scores.items() if requirement_kind(k) == kind))
+    return {kind: float(np.mean(v)) for kind, v in met.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 4. Building the tiny Wan pipeline: tokenizer, configs, training, saving.
 # ---------------------------------------------------------------------------------------------------------
@@ -261,6 +279,9 @@ class BuildArgs:
     """attention heads of width 16 (the transformer's width is 16 x heads, its FFN twice that)"""
     threads: int = 2
     """torch CPU threads"""
+    report_only: bool = False
+    """train nothing: evaluate the pipeline already in --output-dir at --guidance-scale and rewrite its build report's
+    evaluation and sample strip (the build's other settings, losses and seconds stay)"""
     vae_from: str | None = None
     """reuse the trained VAE (and its latent mean and std) of an earlier build's folder instead of training one; its
     channels and time factor replace --latent-channels and --time-factor"""
@@ -371,19 +392,9 @@ def evaluate_pipeline(pipe, specs: list[VideoSpec], n: int, seed: int, guidance:
 def frame_strips(prompts: list[str], videos: list, path: str, every: int = 2, zoom: int = 3, titles=None) -> None:
     """A PNG of videos, one row each: frames 0, every, 2 every, ... side by side, captioned with the prompt, the
     (strict, dense) score and an optional title per row."""
-    picked = [v[::every] for v in videos]
-    cell, caption = SIZE * zoom, 14
-    width = 4 + (cell + 2) * max(len(p) for p in picked)
-    strip = Image.new("RGB", (width, (cell + caption + 6) * len(videos)), "white")
-    draw = ImageDraw.Draw(strip)
-    for row, (prompt, frames) in enumerate(zip(prompts, picked)):
-        y = row * (cell + caption + 6)
-        strict, dense = score_prompt(prompt, videos[row])
-        label = (f"{titles[row]}: " if titles else "") + f"{prompt}  [{strict:.0f} | {dense:.2f}]"
-        draw.text((4, y + 2), label, fill="black")
-        for i, frame in enumerate(frames):
-            strip.paste(frame.resize((cell, cell), Image.NEAREST), (4 + i * (cell + 2), y + caption + 2))
-    strip.save(path)
+    labels = [(f"{titles[i]}: " if titles else "") + f"{p}  [{s:.0f} | {d:.2f}]"
+              for i, (p, (s, d)) in enumerate(zip(prompts, map(score_prompt, prompts, videos)))]
+    plumbing.frame_rows([[(label, v[::every])] for label, v in zip(labels, videos)], path, zoom=zoom)
 
 
 def build(args: BuildArgs) -> dict:
@@ -396,7 +407,7 @@ def build(args: BuildArgs) -> dict:
         args = replace(args, latent_channels=reused.config.z_dim, time_factor=reused.config.scale_factor_temporal)
     start = time.time()
     rng, generator = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
-    train_specs, held_out = split_specs()
+    train_specs, _ = split_specs()
 
     print(f"[1/5] rendering {args.num_videos} training videos", flush=True)
     specs = sample_specs(train_specs, EVAL_MIX, args.num_videos, rng)
@@ -434,28 +445,47 @@ def build(args: BuildArgs) -> dict:
     losses = train_transformer(pipe, latents, prompts, args.transformer_steps, generator)
 
     print("[5/5] evaluating the base model and saving", flush=True)
-    pipe.set_progress_bar_config(disable=True)
-    report = {"vae_reconstruction_mse": vae_mse, "vae_reconstruction_strict_dense": recon_scores.tolist(),
-              "flow_loss_last_250_steps": float(np.mean(losses[-250:])),
-              "parameters": n_params,
-              "held_out": evaluate_pipeline(pipe, held_out, args.eval_per_family, 1, args.guidance_scale),
-              "train": evaluate_pipeline(pipe, train_specs, args.eval_per_family, 2, args.guidance_scale),
-              "args": vars(args)}
     os.makedirs(args.output_dir, exist_ok=True)
     pipe.save_pretrained(args.output_dir)
+    report = {"vae_reconstruction_mse": vae_mse, "vae_reconstruction_strict_dense": recon_scores.tolist(),
+              "flow_loss_last_250_steps": float(np.mean(losses[-250:])), "parameters": n_params, "args": vars(args)}
+    return report_base(pipe, args, report, start)
+
+
+def report_base(pipe, args: BuildArgs, report: dict, start: float) -> dict:
+    """The base model's strict and dense scores at --guidance-scale on both prompt sets, and a strip of its samples,
+    added to `report` and written to <output-dir>/build_report.json."""
+    train_specs, held_out = split_specs()
+    pipe.set_progress_bar_config(disable=True)
+    report["held_out"] = evaluate_pipeline(pipe, held_out, args.eval_per_family, 1, args.guidance_scale)
+    report["train"] = evaluate_pipeline(pipe, train_specs, args.eval_per_family, 2, args.guidance_scale)
     shown = [describe(random.Random(3 + i).choice([s for s in held_out if s.family == f]))
              for f in FAMILIES for i in range(4)]
     strip = os.path.join(args.output_dir, "base_samples.png")
     frame_strips(shown, generate(pipe, shown, 3, args.guidance_scale), strip)
-    report["build_seconds"] = time.time() - start
+    report["args"]["guidance_scale"] = args.guidance_scale
+    report["build_seconds" if not args.report_only else "report_seconds"] = time.time() - start
     with open(os.path.join(args.output_dir, "build_report.json"), "w") as f:
         json.dump(report, f, indent=2)
     for split in ("held_out", "train"):
         print(f"      {split:8s} strict/dense: " + "  ".join(f"{f} {v['strict']:.2f}/{v['dense']:.2f}"
                                                            for f, v in report[split].items()))
-    print(f"      saved to {args.output_dir}/ in {report['build_seconds']:.0f} s")
+    print(f"      saved to {args.output_dir}/ in {time.time() - start:.0f} s")
     return report
 
 
+def report_again(args: BuildArgs) -> dict:
+    """--report-only: report_base for the pipeline already in --output-dir, keeping the rest of its report."""
+    from diffusers import WanPipeline
+
+    torch.set_num_threads(args.threads)
+    with open(os.path.join(args.output_dir, "build_report.json")) as f:
+        report = json.load(f)
+    print(f"evaluating {args.output_dir}/ at guidance {args.guidance_scale}", flush=True)
+    pipe = WanPipeline.from_pretrained(args.output_dir, local_files_only=True)
+    return report_base(pipe, args, report, time.time())
+
+
 if __name__ == "__main__":
-    build(tyro.cli(BuildArgs))
+    cli = tyro.cli(BuildArgs)
+    report_again(cli) if cli.report_only else build(cli)
