@@ -677,7 +677,29 @@ def window_summary(folders: dict) -> dict:
         runs[f"{name}_seed{seed}"] = {"name": name, "seed": seed, **c, "wall_seconds": wall,
                                       "train_seconds_per_iteration": c["train_seconds"][-1] / len(rows),
                                       "change_per_minute": c["final_change"] / (wall / 60)}
+        evaluated = [rows[0]] + [r for r in rows if "time/eval" in r]  # the toy video world's requirement rates
+        met = sorted({k for k in evaluated[-1] if "/met/" in k or k.endswith("/dense")})
+        if met and all(k in evaluated[0] for k in met):
+            runs[f"{name}_seed{seed}"]["start_end"] = {k: [evaluated[0][k], evaluated[-1][k]] for k in met}
     return runs
+
+
+def requirement_table(summary: dict) -> str:
+    """Per run with requirement rates (the toy video world): each rate and the dense score at the start -> the end,
+    the mean over the held-out and training sets."""
+    runs = [r for r in summary["runs"].values() if "start_end" in r]
+    if not runs:
+        return ""
+    kinds = sorted({k.split("/", 2)[2] for r in runs for k in r["start_end"]})
+    lines = ["| run | seed | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+    for r in runs:
+        cells = []
+        for kind in kinds:
+            pairs = [v for k, v in r["start_end"].items() if k.split("/", 2)[2] == kind]
+            start, end = np.mean([p[0] for p in pairs or [[0]]]), np.mean([p[1] for p in pairs or [[0, 0]]])
+            cells.append(f"{start:.3f} → {end:.3f}" if pairs else "–")
+        lines.append(f"| {r['name']} | {r['seed']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def run_windows(args: BenchArgs) -> dict:
@@ -939,6 +961,7 @@ def window_studies(args: BenchArgs) -> dict:
     report(summary)
     if args.side_by_side or args.video:
         print(side_tables(summary))
+        print(requirement_table(summary))
     return summary
 
 

@@ -810,7 +810,8 @@ def report_results(args, state, sets: dict, images: dict, logger, score, save_we
     for key in sorted(families):
         print(f"  {key:28s} {before[key]:.3f} -> {final[key]:.3f}")
     picks, grid_path = grid_picks(sets), os.path.join(args.output_dir, "before_after.png")
-    before_pictures, after = [to_pil(t) for t in state.baseline["grid"]], [images[next(iter(sets))][i] for i, _ in picks]
+    before_pictures = [to_pil(t) for t in state.baseline["grid"]]
+    after = [images[next(iter(sets))][i] for i, _ in picks]
     draw = before_after_strips if isinstance(after[0], list) else before_after_grid  # videos: rows of frames
     draw([p for _, p in picks], before_pictures, after, grid_path, score,
          title=grid_title(before, final, sets, score is not None))
