@@ -806,9 +806,10 @@ def report_results(args, state, sets: dict, images: dict, logger, score, save_we
     final, before = state.history[-1], state.baseline["metrics"]
     print(f"after:  {eval_summary(final, sets)}; change {final['eval_change']:+.3f} "
           f"+- {final['eval_change_se']:.3f} (paired standard error)")
-    families = (k for k in final if k.count("/") == 2 and k.startswith("eval/") and not k.endswith(("/se", "/dense")))
-    for key in sorted(families):
-        print(f"  {key:28s} {before[key]:.3f} -> {final[key]:.3f}")
+    families = [k for k in final if k.count("/") == 2 and k.startswith("eval/") and not k.endswith(("/se", "/dense"))]
+    met = [k for k in final if "/met/" in k and k in before]  # the toy video world: which requirements pass
+    for key in sorted(families) + sorted(met):
+        print(f"  {key:30s} {before[key]:.3f} -> {final[key]:.3f}")
     picks, grid_path = grid_picks(sets), os.path.join(args.output_dir, "before_after.png")
     before_pictures = [to_pil(t) for t in state.baseline["grid"]]
     after = [images[next(iter(sets))][i] for i, _ in picks]
