@@ -695,9 +695,8 @@ def requirement_table(summary: dict) -> str:
     for r in runs:
         cells = []
         for kind in kinds:
-            pairs = [v for k, v in r["start_end"].items() if k.split("/", 2)[2] == kind]
-            start, end = np.mean([p[0] for p in pairs or [[0]]]), np.mean([p[1] for p in pairs or [[0, 0]]])
-            cells.append(f"{start:.3f} → {end:.3f}" if pairs else "–")
+            pairs = np.array([v for k, v in r["start_end"].items() if k.split("/", 2)[2] == kind])
+            cells.append(f"{pairs[:, 0].mean():.3f} → {pairs[:, 1].mean():.3f}" if len(pairs) else "–")
         lines.append(f"| {r['name']} | {r['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

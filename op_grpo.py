@@ -1064,7 +1064,7 @@ def evaluate(model: Model, args: Args, sets: dict, mix: dict | None, eval_sigmas
     list: the training reward, one set. eval_reward is the mean over sets and eval_se its standard error.
     -> metrics, images per set (for grids), per-image outcomes per set and family (for paired differences).
     """
-    metrics, images_by_set, outcomes = {}, {}, {}
+    metrics, images_by_set, outcomes, world = {}, {}, {}, world_of(args)
     for name, prompts in sets.items():
         generator = torch.Generator(model.device).manual_seed(args.seed + 99)  # the same noise at every evaluation
         images, size = [], 4 * args.micro_batch or 64
@@ -1074,9 +1074,9 @@ def evaluate(model: Model, args: Args, sets: dict, mix: dict | None, eval_sigmas
                                              args.micro_batch)
             images += decode(model.pipe, latents[:, -1], args.micro_batch)
         images_by_set[name] = images  # videos: lists of frames
-        if world_of(args):
-            strict, dense = world_of(args).score_by_family(prompts, images)
-            rates = getattr(world_of(args), "requirement_rates", lambda *_: {})(prompts, images)  # video: motion...
+        if world:
+            strict, dense = world.score_by_family(prompts, images)
+            rates = getattr(world, "requirement_rates", lambda *_: {})(prompts, images)  # toy video: motion, shape...
             metrics.update({f"eval/{name}/met/{kind}": rate for kind, rate in rates.items()})
         else:
             strict = dense = {"all": compute_rewards(reward_fn, args.reward, images, prompts).tolist()}
