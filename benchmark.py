@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import tyro
 
+import plumbing
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # The two arms: the same fresh samples per iteration, the same iterations; OP-GRPO's defaults are op_grpo.py's.
@@ -954,8 +956,7 @@ def window_studies(args: BenchArgs) -> dict:
         args.output_dir, args.assets_dir = args.output_dir + "_quick", args.output_dir + "_quick"
     summary = run(args)
     os.makedirs(args.assets_dir, exist_ok=True)
-    with open(os.path.join(args.assets_dir, results), "w") as f:
-        json.dump(summary, f, indent=1)
+    plumbing.write_json(os.path.join(args.assets_dir, results), summary, HERE)
     plot(summary, args.assets_dir)
     report(summary)
     if args.side_by_side or args.video:
@@ -975,8 +976,8 @@ def main(args: BenchArgs) -> dict:
     os.makedirs(args.assets_dir, exist_ok=True)
     if args.study:
         summary = run_study(args)
-        with open(os.path.join(args.assets_dir, "study_results.json"), "w") as f:  # per-iteration rows: in the archive
-            json.dump({k: v for k, v in summary.items() if k != "diagnostics_per_iteration"}, f, indent=1)
+        study = {k: v for k, v in summary.items() if k != "diagnostics_per_iteration"}  # per iteration: in the archive
+        plumbing.write_json(os.path.join(args.assets_dir, "study_results.json"), study, HERE)
         plot_study(summary, args.assets_dir)
         report_study(summary)
         return summary
@@ -989,8 +990,7 @@ def main(args: BenchArgs) -> dict:
         done = list(pool.map(lambda job: run_one(*job, args), jobs))
     folders = {(name, seed): folder for (name, seed, _), folder in zip(jobs, done)}
     results = summarise(args, folders)
-    with open(os.path.join(args.assets_dir, "benchmark_results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    plumbing.write_json(os.path.join(args.assets_dir, "benchmark_results.json"), results, HERE)
     truncate_steps = json.load(open(os.path.join(folders[("op_grpo", args.seeds[0])], "args.json")))["truncate_steps"]
     plot(results, args, truncate_steps)
     report(results)

@@ -40,7 +40,7 @@ Notation (code name = paper symbol)
 
 import contextlib
 import copy
-import io
+import functools
 import math
 import os
 import random
@@ -54,6 +54,7 @@ import torch
 from PIL import Image
 
 import plumbing
+import rewards
 import toy_video
 import toy_world
 from plumbing import NonFiniteError, UsageError, from_hub, require_finite, timed
@@ -69,18 +70,22 @@ class Args:
     model: Literal["tiny", "sd3", "wan", "tiny-video"] = "tiny"
     """tiny: the embedded toy-world SD3 in tiny_sd3/ (CPU, offline, ~9 min); sd3: Stable Diffusion 3.5 Medium; wan:
     Wan2.1-T2V-1.3B, text to video; tiny-video: the embedded toy-video-world Wan in tiny_wan/ (CPU, offline)"""
+    task: Literal["pickscore", "ocr", "geneval", "pickscore-fast", "geneval-fast"] | None = None
+    """sd3 only: the Flow-GRPO config whose values fill the flags left unset (TASKS; None = pickscore): pickscore_sd3,
+    general_ocr_sd3, geneval_sd3, and Flow-GRPO-Fast's pickscore_sd3_fast_nocfg and geneval_sd3_fast_nocfg"""
     pretrained: str | None = None
-    """Hub id or folder of the --model's pipeline (tiny: ./tiny_sd3, sd3: stabilityai/stable-diffusion-3.5-medium,
-    wan: Wan-AI/Wan2.1-T2V-1.3B-Diffusers)"""
+    """Hub id or folder of the --model's pipeline (tiny: ./tiny_sd3, sd3: stabilityai/stable-diffusion-3.5-medium)"""
     reward: str | None = None
-    """geneval, geneval_strict (toy world), motion, motion_strict (toy video world), jpeg, pickscore, or a sum
-    name=weight,... (tiny: geneval, tiny-video: motion, sd3 and wan: pickscore)"""
+    """jpeg, pickscore, ocr, video_ocr, geneval, geneval_strict (rewards.py; a toy world's: geneval(_strict), motion,
+    motion_strict) or a sum name=weight,... (tiny: geneval, tiny-video: motion, sd3: the --task's, wan: video_ocr)"""
     prompt_file: str | None = None
-    """text file, one prompt per line; None = the toy world's prompts (tiny) or the built-in DEFAULT_PROMPTS (sd3)"""
+    """text file, one prompt per line, or GenEval's metadata .jsonl; None = the toy world's prompts (tiny), the
+    built-in DEFAULT_PROMPTS (sd3), assets/ocr_prompts.txt (an OCR reward)"""
     toy_prompts: str | None = None
     """toy world only: a file of its prompts; training draws and both evaluation sets keep only those (a band)"""
-    output_dir: str = "runs/op_grpo"
-    """where metrics.jsonl, checkpoints, the before/after grid and the fine-tuned weights are written"""
+    output_dir: str | None = None
+    """where metrics.jsonl, checkpoints, the before/after grid and the weights go; None = runs/<model>, or the first of
+    runs/<model>-2, -3, ... that holds no run (an explicit folder holding a run needs --resume or --overwrite)"""
     seed: int = 0
     """seed for prompts, noise and the model's random state"""
     resolution: int | None = None
@@ -92,8 +97,7 @@ class Args:
     reward_every: int = 4
     """an image reward scores a video by its mean over frames 0, n, 2n, ... (Flow-GRPO's video OCR: every 4th)"""
     max_sequence_length: int | None = None
-    """T5 tokens per prompt; 0 = no T5, not even loaded (tiny: 0, it has none; sd3: 256, the pipeline's default;
-    wan: 512, UMT5's)"""
+    """T5 tokens per prompt; 0 = no T5, not even loaded (tiny: 0, it has none; sd3: 128, Flow-GRPO's; wan: 512)"""
 
     # --- what trains, and in which precision
     lora_rank: int | None = None
@@ -111,22 +115,23 @@ class Args:
     iterations: int | None = None
     """rollout-and-update iterations in all; with --resume the run's total, not a further count (tiny: 200, sd3: 500)"""
     prompts_per_iteration: int | None = None
-    """P: prompt slots per iteration, fresh or replayed (tiny: 8, sd3: 4)"""
+    """P: prompt slots per iteration, fresh or replayed (tiny: 8, sd3: 2)"""
     group_size: int | None = None
-    """G: images per prompt; advantages are normalised within each group (tiny: 8, sd3: 8)"""
+    """G: images per prompt; advantages are normalised within each group (tiny: 8, sd3: 24 as Flow-GRPO)"""
     num_steps: int | None = None
     """K: SDE denoising steps per trajectory (Flow-GRPO: tiny, sd3: 10; wan: 20)"""
-    noise_level: float = 0.7
-    """a: SDE noise scale (Flow-GRPO: 0.7)"""
-    sde_window: int = 0
+    noise_level: float | None = None
+    """a: SDE noise scale (Flow-GRPO: 0.7; Flow-GRPO-Fast's CPS: 0.8)"""
+    sde_type: Literal["sde", "cps"] | None = None
+    """sde: Flow-GRPO's SDE step and Gaussian log-prob; cps: Flow-GRPO-Fast's coefficients-preserving step, noise
+    sigma_next sin(a pi / 2), log-prob -(x' - mu)^2 without its variance (the -fast tasks; others: sde)"""
+    sde_window: int | None = None
     """L: only a window of L consecutive steps is stochastic, trained and replayed, ODE elsewhere (Flow-GRPO-Fast,
-    MixGRPO; Flow-GRPO-Fast's SD3: 3); 0 = every step stochastic (Flow-GRPO)"""
+    MixGRPO; Flow-GRPO-Fast's SD3: 3); 0 = every step stochastic (Flow-GRPO; every preset but the -fast tasks)"""
     sde_window_range: tuple[int, int] | None = None
-    """[lo, hi): each iteration the window starts at a step drawn uniformly so that it lies inside (None = (0, K // 2),
-    Flow-GRPO-Fast's)"""
+    """[lo, hi) in which each iteration's window is drawn uniformly (None = (0, K // 2), Flow-GRPO-Fast's)"""
     guidance_scale: float | None = None
-    """classifier-free guidance in rollouts, update and evaluation; 1 = none (tiny: 1; sd3: 4.5 as Flow-GRPO;
-    tiny-video: 2, the lowest at which its base model passes 0.3 of held-out strict checks)"""
+    """classifier-free guidance in rollouts, update and evaluation; 1 = none (tiny: 1; sd3: 4.5; tiny-video: 2)"""
 
     # --- the GRPO update (Eqs. 5-6)
     learning_rate: float | None = None
@@ -142,8 +147,7 @@ class Args:
     adv_clip: float = 5.0
     """advantages are clipped to +-adv_clip (Flow-GRPO: 5)"""
     kl_beta: float | None = None
-    """beta of the KL penalty to the frozen initial model (Eq. 4); 0 = none, no pass (Flow-GRPO's: tiny, sd3: 0.01
-    as its PickScore recipe; wan: 0.004)"""
+    """beta of the KL penalty to the frozen initial model (Eq. 4); 0 = none (tiny 0.01, sd3 the --task's, wan 0.004)"""
     kl_form: Literal["exact", "flow_grpo"] | None = None
     """exact: the Gaussian KL of each transition; flow_grpo: Flow-GRPO's SD3 penalty, |dt| x that KL, with which its
     beta is meant (10 steps: about 1/10 as strong) (tiny: exact; sd3: flow_grpo; wan: exact, as Flow-GRPO's Wan)"""
@@ -158,16 +162,15 @@ class Args:
     reward_decay: float = 0.005
     """freshness: a stored reward counts as reward - reward_decay * age in iterations (paper: form not given)"""
     correction: Literal["sequence", "none", "naive"] = "sequence"
-    """sequence: clip p_theta/p_old, times w = P_old/P_off (Eq. 10); none: w = 1 (ablation); naive: clip p_theta/p_off
-    (the variant the paper rejects)"""
+    """sequence: clip p_theta/p_old, times w = P_old/P_off (Eq. 10); none: w = 1; naive: clip p_theta/p_off (the paper's
+    rejected variant)"""
     truncate_steps: int = 3
     """t_off: the last steps of a replayed trajectory dropped and regenerated by the current ODE (Eq. 12); 0 = off"""
     failed_weight: float = 1.0
     """buffer draw weight of a prompt whose last fresh group all scored below its stored trajectory (0/1 reward: all
     failed, and a success is stored), against 1 for the rest; 1 = uniform draws (paper: silent on the draw)"""
     replay: Literal["trajectory", "prompt"] = "trajectory"
-    """trajectory: OP-GRPO; prompt: a control, the replayed slots draw their prompt from the buffer the same way but
-    sample all G images fresh, reusing no stored trajectory"""
+    """trajectory: OP-GRPO; prompt: a control whose replayed slots take buffer prompts but sample all G images fresh"""
 
     # --- evaluation, logging, checkpoints
     eval_every: int | None = None
@@ -192,22 +195,22 @@ class Args:
     """consecutive iterations whose update is skipped for a NaN/inf before the run stops (with a checkpoint)"""
 
 
-# Defaults per --model for the flags left at None. tiny: the embedded model on 2 CPU cores. sd3: Flow-GRPO's
-# SD3.5-Medium recipe (its config/grpo.py: LoRA r 32 / alpha 64, lr 3e-4, clip 1e-4, CFG 4.5, 10 SDE steps,
-# 40 ODE steps for evaluation, 512 px), with the batch scaled from its 24 GPUs down to one 80 GB GPU. wan: its
-# Wan2.1 recipe (general_ocr_wan2_1: 240 x 416, 33 frames, 20 steps, 50 at evaluation, CFG 4.5, group 4, LoRA 32 /
-# 64, lr 1e-4, clip 1e-3, beta 0.004 on the exact KL), 16 videos per iteration for one 80 GB GPU.
+# Defaults per --model for the flags left at None. tiny: the embedded model on 2 CPU cores. sd3: Flow-GRPO's SD3.5-M
+# recipe (config/grpo.py), 2 groups of 24 per iteration on one GPU, with a TASKS entry. wan: its general_ocr_wan2_1,
+# 16 videos per iteration on one GPU. test_*_match_flow_grpo_* check every value they share.
+OCR_PROMPTS = os.path.join(HERE, "assets", "ocr_prompts.txt")
+SHARED = dict(noise_level=0.7, sde_type="sde", sde_window=0)  # every preset's, unless its task says otherwise
 PRESETS = {
     "tiny": dict(pretrained=os.path.join(HERE, "tiny_sd3"), reward="geneval", resolution=32, max_sequence_length=0,
                  lora_rank=0, mixed_precision="no", micro_batch=0, iterations=200, prompts_per_iteration=8,
                  group_size=8, num_steps=10, guidance_scale=1.0, learning_rate=1e-4, clip_range=2e-3, kl_beta=0.01,
                  eval_every=50, eval_per_family=128, eval_steps=10, checkpoint_every=50, kl_form="exact"),
-    "sd3": dict(pretrained="stabilityai/stable-diffusion-3.5-medium", reward="pickscore", resolution=512,
-                max_sequence_length=256, lora_rank=32, mixed_precision="bf16", micro_batch=4, iterations=500,
-                prompts_per_iteration=4, group_size=8, num_steps=10, guidance_scale=4.5, learning_rate=3e-4,
-                clip_range=1e-4, kl_beta=0.01, eval_every=50, eval_per_family=32, eval_steps=40, checkpoint_every=25,
-                kl_form="flow_grpo"),
-    "wan": dict(pretrained="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", reward="pickscore", resolution=240, width=416,
+    "sd3": dict(pretrained="stabilityai/stable-diffusion-3.5-medium", resolution=512, max_sequence_length=128,
+                lora_rank=32, mixed_precision="bf16", micro_batch=4, iterations=500, prompts_per_iteration=2,
+                group_size=24, num_steps=10, guidance_scale=4.5, learning_rate=3e-4, clip_range=1e-4, eval_every=50,
+                eval_per_family=32, eval_steps=40, checkpoint_every=25, kl_form="flow_grpo"),
+    "wan": dict(pretrained="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", reward="video_ocr", prompt_file=OCR_PROMPTS,
+                resolution=240, width=416,
                 num_frames=33, max_sequence_length=512, lora_rank=32, mixed_precision="bf16", micro_batch=2,
                 iterations=500, prompts_per_iteration=4, group_size=4, num_steps=20, guidance_scale=4.5,
                 learning_rate=1e-4, clip_range=1e-3, kl_beta=0.004, eval_every=50, eval_per_family=16, eval_steps=50,
@@ -218,42 +221,56 @@ PRESETS = {
                        num_steps=10, guidance_scale=2.0, learning_rate=1e-4, clip_range=2e-3, kl_beta=0.01,
                        eval_every=25, eval_per_family=64, eval_steps=10, checkpoint_every=25, kl_form="exact"),
 }
+# --model sd3 --task: Flow-GRPO's configs (config/grpo.py), each value one GPU can share. Fast: Flow-GRPO-Fast's
+# *_sd3_fast_nocfg, CPS in a window of 3 steps starting in steps 0-2, no guidance, no KL, a tighter clip.
+FAST = dict(sde_type="cps", noise_level=0.8, sde_window=3, sde_window_range=(0, 5), guidance_scale=1.0,
+            clip_range=1e-5, kl_beta=0.0)
+TASKS = {"pickscore": dict(reward="pickscore", kl_beta=0.01), "geneval": dict(reward="geneval", kl_beta=0.04),
+         "ocr": dict(reward="ocr", kl_beta=0.04, prompt_file=OCR_PROMPTS),
+         "pickscore-fast": dict(reward="pickscore", group_size=18, **FAST),
+         "geneval-fast": dict(reward="geneval", **FAST)}
 
 
 def with_presets(args: Args) -> Args:
-    """Fill every flag left at None from the --model preset."""
-    return replace(args, **{k: v for k, v in PRESETS[args.model].items() if getattr(args, k) is None})
+    """Fill every flag left at None from the --task and --model presets, and --output-dir with a folder with no run."""
+    if args.model == "sd3":
+        args = replace(args, task=args.task or "pickscore")
+    preset = {**SHARED, **PRESETS[args.model], **TASKS.get(args.task if args.model == "sd3" else None, {})}
+    args = replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+    return args if args.output_dir else replace(args, output_dir=plumbing.free_folder(f"runs/{args.model}"))
 
 
 # =========================================================================================================
 # Pure math. Functions of tensors only, each checked in test_op_grpo.py against an independent answer.
 # =========================================================================================================
 def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev_sample=None, generator=None,
-                          noise=None):
-    """One step of Flow-GRPO's SDE sampler (Eq. 2), and the Gaussian log-density of its result.
-
-    Two modes share one code path: with prev_sample=None a next latent is drawn (sampling); with a given
-    prev_sample its log-probability is computed under `velocity` (scoring stored data under other weights).
+                          noise=None, sde_type="sde"):
+    """One step of Flow-GRPO's SDE sampler (Eq. 2) and the Gaussian log-density of its result (sde_type "cps":
+    Flow-GRPO-Fast's coefficients-preserving step and its log-prob). With prev_sample=None a next latent is drawn
+    (sampling); with a given one its log-probability under `velocity` is computed (scoring stored data).
     velocity, sample (B, C, H, W); sigma, sigma_next (B,) or scalars; noise: an optional standard-normal draw.
     -> prev_sample (B, C, H, W), log_prob (B,), prev_sample_mean (B, C, H, W), std_dev (B, 1, 1, 1).
     The math runs in float32 whatever the model's dtype. noise_level = 0 is the deterministic Euler step: it
-    draws no noise, and its log_prob is NaN (it has no density) so that it cannot slip into a ratio unnoticed.
-    """
+    draws no noise, and its log_prob is NaN (it has no density) so that it cannot slip into a ratio unnoticed."""
     velocity, sample = velocity.float(), sample.float()
     ones = [1] * (sample.ndim - 1)
     sigma, sigma_next = (torch.as_tensor(s, dtype=torch.float32, device=sample.device).reshape(-1, *ones)
                          .expand(len(sample), *ones) for s in (sigma, sigma_next))  # (B, 1, 1, 1)
     dt = sigma_next - sigma  # negative: sampling walks from noise (1) to data (0)
 
-    # Flow-GRPO's noise schedule: s_sigma = a * sqrt(sigma / (1 - sigma)). At sigma = 1 (the first step) the ratio is
-    # infinite; like Flow-GRPO's code we put 1 - sigma_next in the denominator there, a finite large noise.
-    one_minus_sigma = torch.where(sigma >= 1.0, 1.0 - sigma_next, 1.0 - sigma)
-    noise_scale = noise_level * torch.sqrt(sigma / one_minus_sigma)
-
-    # mu = x + [v + s^2 / (2 sigma) * (x + (1 - sigma) v)] dt. The bracket's second term is -s^2/2 times the
-    # score, grad log p(x) = -(x + (1 - sigma) v) / sigma, which keeps the marginals of the ODE.
-    prev_sample_mean = sample + (velocity + noise_scale**2 / (2 * sigma) * (sample + (1 - sigma) * velocity)) * dt
-    std_dev = noise_scale * torch.sqrt(-dt)  # std of the transition: s_sigma * sqrt(|dt|)
+    if sde_type == "cps":  # Flow-GRPO-Fast's coefficients-preserving step: x_next = x0_hat (1 - sigma_next) + x1_hat
+        # sqrt(sigma_next^2 - std^2) + std eps, std = sigma_next sin(a pi / 2): data and noise keep x_sigma's weights
+        std_dev = sigma_next * math.sin(noise_level * math.pi / 2)
+        x0_hat, x1_hat = sample - sigma * velocity, sample + (1 - sigma) * velocity  # predicted data and noise
+        prev_sample_mean = x0_hat * (1 - sigma_next) + x1_hat * torch.sqrt(sigma_next**2 - std_dev**2)
+    else:  # Flow-GRPO's noise schedule s_sigma = a sqrt(sigma / (1 - sigma)), infinite at sigma = 1 (the first
+        # step): like Flow-GRPO's code we put 1 - sigma_next in the denominator there, a finite large noise.
+        one_minus_sigma = torch.where(sigma >= 1.0, 1.0 - sigma_next, 1.0 - sigma)
+        noise_scale = noise_level * torch.sqrt(sigma / one_minus_sigma)
+        # mu = x + [v + s^2 / (2 sigma) * (x + (1 - sigma) v)] dt. The bracket's second term is -s^2/2 times the
+        # score, grad log p(x) = -(x + (1 - sigma) v) / sigma, which keeps the marginals of the ODE.
+        prev_sample_mean = sample + (velocity + noise_scale**2 / (2 * sigma) * (sample + (1 - sigma) * velocity)) * dt
+        std_dev = noise_scale * torch.sqrt(-dt)  # std of the transition: s_sigma * sqrt(|dt|)
 
     if prev_sample is None and noise_level == 0:
         prev_sample = prev_sample_mean  # the ODE step draws nothing, so the random stream is left alone
@@ -266,9 +283,11 @@ def sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev
     if noise_level == 0:
         return prev_sample, torch.full((len(sample),), float("nan"), device=sample.device), prev_sample_mean, std_dev
     # log N(x' | mu, std^2), averaged (not summed) over latent dimensions as Flow-GRPO does: per-step
-    # log-ratios stay O(1e-3) whatever the image size, which is the scale the clip range refers to.
-    log_density = -((prev_sample - prev_sample_mean) ** 2) / (2 * std_dev**2) - torch.log(std_dev)
-    log_density = log_density - 0.5 * math.log(2 * math.pi)
+    # log-ratios stay O(1e-3) whatever the image size, which is the scale the clip range refers to. CPS (Flow-GRPO's
+    # code): -(x' - mu)^2 alone, 2 std^2 times the log-density less its constants; a ratio is the Gaussian's ^(2 std^2)
+    log_density = -((prev_sample - prev_sample_mean) ** 2)
+    if sde_type != "cps":
+        log_density = log_density / (2 * std_dev**2) - torch.log(std_dev) - 0.5 * math.log(2 * math.pi)
     return prev_sample, log_density.mean(dim=tuple(range(1, sample.ndim))), prev_sample_mean, std_dev
 
 
@@ -284,7 +303,6 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
 def sequence_is_weight(log_prob_old: torch.Tensor, log_prob_behavior: torch.Tensor, keep: torch.Tensor):
     """Eq. 10: w = P_old(tau) / P_off(tau) = prod over kept steps k of p_old(x_{k+1}|x_k) / p_off(x_{k+1}|x_k).
-
     (B, K) log-probs and a (B, K) bool mask -> (B,). Steps outside `keep` are ignored even if they hold NaN
     (the regenerated tail has no behaviour log-prob). A constant: no gradient flows through it.
     """
@@ -314,7 +332,6 @@ def clipped_surrogate(log_prob, log_prob_old, advantages, clip_range):
 
 def gaussian_kl(mean, mean_ref, std_dev):
     """Eq. 4's KL(p_theta || p_ref) per step for two Gaussians of equal std: |mu - mu_ref|^2 / (2 std^2).
-
     (B, C, H, W) means, (B, 1, 1, 1) std -> (B,), averaged over dimensions like the log-probs. This is the
     exact KL of the transition; Flow-GRPO's code divides by 2 s_sigma^2 instead (no |dt|): see kl_penalty.
     """
@@ -332,14 +349,10 @@ def kl_penalty(kl, dt: float, form: str):
 # The replay buffer of high-quality trajectories (Sec. 4.1, Eqs. 7-8)
 # =========================================================================================================
 class ReplayBuffer:
-    """At most one trajectory per prompt: the best seen, with its behaviour log-probs and reward.
-
-    An entry keeps the latent trajectory (K + 1, C, H, W), the log-probs recorded when it was sampled (K,) (never
-    recomputed: they are p_off), its reward and the iteration it was stored at, all on the CPU: 4 (K + 1) C H W +
-    4 K bytes, 11 kB for the tiny model, 2.9 MB for SD3.5 at 512 px (369 MB for 128 entries). Freshness (paper: no
-    form given): a stored reward counts as reward - decay * age, which works for negative rewards too. Draws are
-    uniform, or weighted toward failed prompts, whose stored reward beats the whole of their latest fresh group.
-    """
+    """At most one trajectory per prompt, the best seen: latents (K + 1, C, H, W), the log-probs recorded when it was
+    sampled (K,) (p_off, never recomputed), its reward and the iteration stored, on the CPU: 11 kB for the tiny model,
+    2.9 MB for SD3.5 at 512 px. Freshness (paper: no form given): reward - decay * age, fine for negative rewards.
+    Draws are uniform, or weighted toward failed prompts, whose stored reward beats their whole latest fresh group."""
 
     def __init__(self, capacity: int, decay: float, failed_weight: float = 1.0):
         self.capacity, self.decay, self.failed_weight = capacity, decay, failed_weight
@@ -401,49 +414,21 @@ class ReplayBuffer:
 
 
 # =========================================================================================================
-# Rewards: images (PIL) and prompts -> rewards (B,). geneval and geneval_strict live in toy_world.py.
+# Rewards: rewards.py holds the reward models; here, what wraps them. The toy worlds bring their own verifiers, under
+# the names of the tasks they stand in for (geneval: the toy GenEval; motion: the toy video world's checks).
 # =========================================================================================================
-def jpeg_reward(images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
-    """DDPO's JPEG compressibility: minus the size in kB of the image saved as JPEG at quality 95."""
-    sizes = []
-    for image in images:
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=95)
-        sizes.append(buffer.tell() / 1000)
-    return -torch.tensor(sizes)
+WORLDS = {"tiny": toy_world, "tiny-video": toy_video}  # the embedded models' toy worlds, and their rewards:
+WORLD_REWARDS = {"tiny": {"geneval": toy_world.geneval_reward, "geneval_strict": toy_world.geneval_strict_reward},
+                 "tiny-video": {"motion": toy_video.motion_reward, "motion_strict": toy_video.motion_strict_reward}}
+VIDEO_REWARDS = rewards.VIDEO_REWARDS | {"motion", "motion_strict"}  # they score whole videos (lists of frames)
 
 
-PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"  # CLIP-H fine-tuned on Pick-a-Pic preferences (Kirstain et al. 2023)
-PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the CLIP-H it came from: tokenizer, image transform
-PICKSCORE: dict = {}  # "model" and "processor", set by load_pickscore before training (or by a test, with a tiny CLIP)
-
-
-def load_pickscore(device: torch.device, dtype: torch.dtype) -> None:
-    from transformers import AutoProcessor, CLIPModel
-
-    PICKSCORE["processor"] = from_hub(PICKSCORE_PROCESSOR, lambda: AutoProcessor.from_pretrained(PICKSCORE_PROCESSOR))
-    model = from_hub(PICKSCORE_MODEL, lambda: CLIPModel.from_pretrained(PICKSCORE_MODEL, dtype=dtype))
-    PICKSCORE["model"] = model.eval().requires_grad_(False).to(device)
-
-
-@torch.no_grad()
-def pickscore_reward(images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
-    """PickScore: logit_scale x cos(image embedding, prompt embedding) of the preference-tuned CLIP, divided by
-    26 as Flow-GRPO does, which puts typical SD3.5 scores near 0.85."""
-    model, processor = PICKSCORE["model"], PICKSCORE["processor"]
-    inputs = processor(images=images, text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
-    logits = model(**inputs.to(model.device)).logits_per_image  # (B, B): logit_scale * cos(image_i, text_j)
-    return logits.diagonal().float().cpu() / 26
-
-
-REWARDS = {"geneval": toy_world.geneval_reward, "geneval_strict": toy_world.geneval_strict_reward,
-           "motion": toy_video.motion_reward, "motion_strict": toy_video.motion_strict_reward,
-           "jpeg": jpeg_reward, "pickscore": pickscore_reward}
-WORLDS = {"tiny": toy_world, "tiny-video": toy_video}  # the embedded models' toy worlds; the rewards of each:
-WORLD_REWARDS = {"geneval": "tiny", "geneval_strict": "tiny", "motion": "tiny-video", "motion_strict": "tiny-video"}
-
-
-VIDEO_REWARDS = {"motion", "motion_strict"}  # names in REWARDS whose function scores whole videos (lists of frames)
+def reward_table(args: Args) -> dict:
+    """name -> reward function: rewards.REWARDS, less in a toy world what needs text or metadata in the prompts (OCR,
+    GenEval) and plus the world's verifiers."""
+    toy = world_of(args) is not None
+    return {**{k: f for k, f in rewards.REWARDS.items() if not toy or k in rewards.NO_PROMPT_DATA},
+            **(WORLD_REWARDS[args.model] if toy else {})}
 
 
 def on_frames(reward, every: int):
@@ -455,10 +440,10 @@ def on_frames(reward, every: int):
     return video_reward
 
 
-def weighted_reward(weights: dict[str, float], every: int | None = None):
+def weighted_reward(weights: dict[str, float], table: dict, every: int | None = None):
     """One reward function from a parse_reward dict: (images, prompts) -> sum of weight x reward, (B,). For videos
     (every = a frame stride) an image reward scores every every-th frame (on_frames)."""
-    fns = {name: REWARDS[name] if every is None or name in VIDEO_REWARDS else on_frames(REWARDS[name], every)
+    fns = {name: table[name] if every is None or name in VIDEO_REWARDS else on_frames(table[name], every)
            for name in weights}
     return lambda images, prompts: sum(w * fns[name](images, prompts).float() for name, w in weights.items())
 
@@ -467,7 +452,7 @@ def compute_rewards(reward_fn, name: str, images: list[Image.Image], prompts: li
     """reward_fn on a batch, (B,) float32. If it raises, it is run image by image to name the first prompt it
     fails on; a NaN/inf reward is a NonFiniteError naming its prompt."""
     try:
-        rewards = reward_fn(images, prompts).float()
+        scores = reward_fn(images, prompts).float()
     except Exception as error:
         for image, prompt in zip(images, prompts):
             try:
@@ -476,19 +461,19 @@ def compute_rewards(reward_fn, name: str, images: list[Image.Image], prompts: li
                 raise RuntimeError(f"reward {name!r} failed on prompt {prompt!r}: {type(one).__name__}: {one}") from one
         raise RuntimeError(f"reward {name!r} failed on a batch of {len(prompts)} (each image alone passes): "
                            f"{error}") from error
-    bad = (~torch.isfinite(rewards)).nonzero().flatten()
+    bad = (~torch.isfinite(scores)).nonzero().flatten()
     if len(bad):
-        raise NonFiniteError(f"non-finite reward {name!r} ({rewards[bad[0]].item()}) for prompt {prompts[bad[0]]!r}")
-    return rewards
+        raise NonFiniteError(f"non-finite reward {name!r} ({scores[bad[0]].item()}) for prompt {prompts[bad[0]]!r}")
+    return scores
 
 
-def parse_reward(spec: str) -> dict[str, float]:
-    """'pickscore=1.0,jpeg=0.1' -> {'pickscore': 1.0, 'jpeg': 0.1}; a bare name has weight 1."""
+def parse_reward(spec: str, table: dict) -> dict[str, float]:
+    """'pickscore=1.0,jpeg=0.1' -> {'pickscore': 1.0, 'jpeg': 0.1}; a bare name has weight 1; names from `table`."""
     weights = {}
     for part in spec.split(","):
         name, _, weight = part.strip().partition("=")
-        if name not in REWARDS:
-            raise ValueError(f"--reward: unknown reward {name!r} (known: {', '.join(REWARDS)}; a sum reads a=1,b=0.1)")
+        if name not in table:
+            raise ValueError(f"--reward: unknown reward {name!r} (known here: {', '.join(table)}; a sum: a=1,b=0.1)")
         try:
             weights[name] = float(weight) if weight else 1.0
         except ValueError:
@@ -497,10 +482,12 @@ def parse_reward(spec: str) -> dict[str, float]:
 
 
 def load_reward(args: Args, device: torch.device):
-    """The --reward function; PickScore's model is loaded here, before training."""
-    if "pickscore" in (weights := parse_reward(args.reward)):
-        load_pickscore(device, FROZEN_DTYPES[args.mixed_precision])
-    return weighted_reward(weights, args.reward_every if args.num_frames else None)
+    """The --reward function; its models (PickScore, GenEval's detector and CLIP) are loaded here, before training."""
+    table = reward_table(args)
+    weights = parse_reward(args.reward, table)
+    if not world_of(args):
+        rewards.load(weights, device, FROZEN_DTYPES[args.mixed_precision], args.prompt_file)
+    return weighted_reward(weights, table, args.reward_every if args.num_frames else None)
 
 
 def world_of(args: Args):
@@ -533,10 +520,9 @@ def makes_video(pipe) -> bool:
 
 
 def load_pipeline(args: Args, device: torch.device):
-    """The --model's pipeline from the Hub or a folder, every weight in the --mixed-precision dtype; the embedded tiny
-    model is loaded exactly the way an SD3.5 checkpoint is. T5 is not loaded at max length 0. Wan's VAE stays
-    float32, as Flow-GRPO keeps it; its scheduler gives only the sigmas (the sampler is ours), so a flow-matching
-    Euler scheduler with the checkpoint's shift takes the place of its UniPC solver."""
+    """The --model's pipeline from the Hub or a folder in the --mixed-precision dtype, loaded as an SD3.5 checkpoint is
+    (no T5 at max length 0). Wan: the VAE stays float32 (Flow-GRPO's), and a flow-matching Euler scheduler with the
+    checkpoint's shift replaces its UniPC solver, which would only give the sigmas: the sampler is ours."""
     import diffusers
 
     pipeline, dtype = getattr(diffusers, PIPELINES[args.model]), FROZEN_DTYPES[args.mixed_precision]
@@ -670,27 +656,24 @@ def predict_velocity(transformer, x, sigma, embeds, pooled, guidance_scale, unco
 def step_log_prob(transformer, x, x_next, k, cond, model: Model, args: Args, where: str):
     """log p(x_next | x, c) of step k under `transformer`, with the transition's mean and std. One helper for the
     three scoring passes: p_old of replayed trajectories, p_theta in the update, and (its mean) the KL reference.
-
     x, x_next (B, C, H, W); cond = (embeds, pooled) -> log_prob (B,), mean (B, C, H, W), std_dev (B, 1, 1, 1).
     """
     v = predict_velocity(transformer, x, model.sigmas[k], *cond, args.guidance_scale, model.uncond)
     require_finite("velocity", v, where)
     _, log_prob, mean, std_dev = sde_step_with_logprob(v, x, model.sigmas[k], model.sigmas[k + 1], args.noise_level,
-                                                       prev_sample=x_next)
+                                                       prev_sample=x_next, sde_type=args.sde_type)
     require_finite("log-prob", log_prob, where)
     return log_prob, mean, std_dev
 
 
 @torch.no_grad()
 def sample_trajectories(model: Model, start, sigmas, first_step, prompts, noise_level, guidance_scale, micro_batch=0,
-                        generator=None, rows=None):
-    """Run the sampler from latents `start` (B, C, H, W) at sigmas[first_step] down to sigma = 0, micro_batch
-    samples per transformer pass (0 = all); noise_level is a float or a list, one per step k (an SDE window).
-    -> latents (B, K - first_step + 1, C, H, W) including `start`, log_probs (B, K - first_step), NaN for ODE steps
-    (noise level 0), which draw no noise. rows = (index, total): `start` is
-    rows `index` of a batch of `total`; each SDE step draws the whole batch's noise and keeps those rows, so that a
-    trajectory's noise depends neither on how the batch is dealt out to processes nor on micro_batch.
-    """
+                        generator=None, rows=None, sde_type="sde"):
+    """The sampler ("sde" or "cps") from latents `start` (B, C, H, W) at sigmas[first_step] to 0, micro_batch samples a
+    pass (0 = all); noise_level: a float or one per step k (an SDE window; 0: an ODE step, no noise, NaN log-prob).
+    -> latents (B, K - first_step + 1, C, H, W) from `start`, log_probs (B, K - first_step). rows = (index, total):
+    `start` is rows `index` of a batch of `total`, whose noise each step draws whole, so that a trajectory's noise
+    depends neither on how the batch is dealt out to processes nor on micro_batch."""
     (embeds, pooled), (index, total) = model.condition(prompts), rows or (slice(None), len(start))
     size = micro_batch or len(start)
     latents, log_probs, x, chunks = [start.float()], [], start, [slice(i, i + size) for i in range(0, len(start), size)]
@@ -701,7 +684,7 @@ def sample_trajectories(model: Model, start, sigmas, first_step, prompts, noise_
         level, noise = noise_level[k] if isinstance(noise_level, list) else noise_level, None
         if level > 0:
             noise = torch.randn((total, *x.shape[1:]), generator=generator, device=x.device)[index]
-        x, log_prob, _, _ = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], level, noise=noise)
+        x, log_prob, _, _ = sde_step_with_logprob(v, x, sigmas[k], sigmas[k + 1], level, noise=noise, sde_type=sde_type)
         if level > 0:
             require_finite("log-prob", log_prob, f"while sampling step {k}")
         latents.append(x)
@@ -724,19 +707,6 @@ def decode(pipe, latents: torch.Tensor, micro_batch: int = 0) -> list:
             pixels = pipe.vae.decode(chunk.to(pipe.vae.dtype) / config.scaling_factor + config.shift_factor).sample
             images += pipe.image_processor.postprocess(pixels.float(), output_type="pil")
     return images
-
-
-def save_weights(transformer, args: Args, folder: str) -> None:
-    """LoRA: diffusers' LoRA format, which the pipeline's load_lora_weights(folder) reads (with its rank and alpha);
-    full fine-tuning: the transformer in diffusers format."""
-    if not args.lora_rank:
-        return transformer.save_pretrained(folder)
-    import diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    metadata = transformer.peft_config["default"].to_dict()  # rank and alpha, read back by load_lora_weights
-    getattr(diffusers, PIPELINES[args.model]).save_lora_weights(folder, get_peft_model_state_dict(transformer),
-                                                                transformer_lora_adapter_metadata=metadata)
 
 
 # =========================================================================================================
@@ -779,18 +749,17 @@ def rollout(model: Model, args: Args, slot_prompts: list[str], n_replayed: int, 
     noise = torch.randn((int(first[-1]), *model.shape), generator=generator, device=model.device)[rows]
     levels = [args.noise_level if window[0] <= k < window[1] else 0.0 for k in range(args.num_steps)]
     latents, log_probs = sample_trajectories(model, noise, model.sigmas, 0, prompts, levels, args.guidance_scale,
-                                             args.micro_batch, generator, (rows, int(first[-1])))
+                                             args.micro_batch, generator, (rows, int(first[-1])), args.sde_type)
     images = decode(model.pipe, latents[:, -1], args.micro_batch)
     return {"prompts": prompts, "latents": latents, "log_probs": log_probs, "images": images}
 
 
 @torch.no_grad()
 def rescore_replayed(model: Model, args: Args, buffer: ReplayBuffer, prompts: list[str]) -> dict:
-    """Stage 3 (Eq. 10's numerator): the replayed prompts' stored trajectories and log p_old of each of their
-    stochastic steps (their own SDE window, which need not be this iteration's; NaN at ODE steps), one pass of the
-    current weights per step. The kept steps give the weight; the truncated ones only the logged cliff (paper
-    Fig. 2). -> prompts, latents (R, K + 1, C, H, W), log_prob_old, log_prob_behavior (R, K), rewards (R,)"""
-    latents, log_prob_behavior, rewards = buffer.trajectories(prompts, model.device)
+    """Stage 3 (Eq. 10's numerator): the replayed prompts' stored trajectories and log p_old of each stochastic step
+    (their own SDE window; NaN at ODE steps), one pass per step; kept steps give w, the rest the logged cliff (Fig. 2)
+    -> prompts, latents (R, K + 1, C, H, W), log_prob_old, log_prob_behavior (R, K), rewards (R,)"""
+    latents, log_prob_behavior, stored_rewards = buffer.trajectories(prompts, model.device)
     (embeds, pooled), log_prob_old = model.condition(prompts), torch.full_like(log_prob_behavior, float("nan"))
     for k in range(args.num_steps):
         rows = torch.isfinite(log_prob_behavior[:, k]).nonzero().flatten()  # the trajectories stochastic at step k
@@ -799,16 +768,14 @@ def rescore_replayed(model: Model, args: Args, buffer: ReplayBuffer, prompts: li
                                                   (embeds[rows], pooled[rows]), model, args,
                                                   f"in log p_old of a replayed trajectory at step {k}")[0]
     return dict(prompts=prompts, latents=latents, log_prob_old=log_prob_old, log_prob_behavior=log_prob_behavior,
-                rewards=rewards)
+                rewards=stored_rewards)
 
 
 @torch.no_grad()
 def regenerate_tail(model: Model, args: Args, replayed: dict, reward_fn) -> None:
-    """Stage 4 (Eqs. 12-13): keep a replayed trajectory up to z_{t_off}, regenerate the rest with the current policy's
-    deterministic ODE and re-score the new image (paper: silent on re-scoring; we do, so that the reward belongs to
-    the trajectory trained on). With an SDE window (paper: silent) everything after the stored window's kept steps
-    is regenerated: the steps after a window were the old policy's ODE, with no density to weight. t_off = K -
-    truncate_steps; each trajectory restarts at min(end of its window, t_off). Updates `replayed` in place."""
+    """Stage 4 (Eqs. 12-13): keep a replayed trajectory up to z_{t_off} = K - truncate_steps, or the end of its SDE
+    window if sooner (the steps after a window have no density), regenerate the rest with the current ODE and re-score
+    the image (paper: silent on re-scoring; we do, so that the reward is the trained trajectory's). In place."""
     K, stochastic = args.num_steps, torch.isfinite(replayed["log_prob_behavior"])  # (R, K)
     window_end = K - stochastic.flip(1).int().argmax(dim=1)  # 1 + each trajectory's last stochastic step
     restart = window_end.clamp(max=K - args.truncate_steps)  # (R,)
@@ -1048,8 +1015,7 @@ def main(args: Args) -> list[dict]:
     if processes.main:  # before/after scores, the grid (toy world: with strict scores), the fine-tuned weights
         world = world_of(args)  # a toy world's verifier labels the grid: images, or videos as frame strips
         score = (lambda prompt, image: world.score_prompt(prompt, image)[0]) if world else None
-        plumbing.report_results(args, state, sets, images, logger, score,
-                                lambda folder: save_weights(model.transformer, args, folder))
+        plumbing.report_results(args, state, sets, mix, images, logger, score, model.transformer, PIPELINES[args.model])
     return state.history
 
 
@@ -1058,12 +1024,9 @@ def main(args: Args) -> list[dict]:
 # =========================================================================================================
 @torch.no_grad()
 def evaluate(model: Model, args: Args, sets: dict, mix: dict | None, eval_sigmas: torch.Tensor, reward_fn):
-    """ODE samples of fixed prompts from fixed noise, scored per set and family.
-
-    Toy world: strict accuracy (the verifier's 0/1) on the held_out and train sets, families weighted by mix; a prompt
-    list: the training reward, one set. eval_reward is the mean over sets and eval_se its standard error.
-    -> metrics, images per set (for grids), per-image outcomes per set and family (for paired differences).
-    """
+    """ODE samples of fixed prompts from fixed noise, scored per set and family: a toy world's strict accuracy (0/1) on
+    held_out and train, families weighted by mix, or a prompt list's training reward; eval_reward: the mean over sets.
+    -> metrics, images per set (for grids), per-image outcomes per set and family (for paired differences)."""
     metrics, images_by_set, outcomes, world = {}, {}, {}, world_of(args)
     for name, prompts in sets.items():
         generator = torch.Generator(model.device).manual_seed(args.seed + 99)  # the same noise at every evaluation
@@ -1095,26 +1058,26 @@ def evaluate(model: Model, args: Args, sets: dict, mix: dict | None, eval_sigmas
 def check_args(args: Args) -> None:
     """Reject impossible settings before anything is loaded, each message naming its flag (a UsageError)."""
     args = with_presets(args)
+    if clash := plumbing.resume_clash(args):  # a resumed run given another model: the one problem said
+        raise UsageError(clash)
     builds = {PRESETS[model]["pretrained"]: f"python {world.__name__}.py" for model, world in WORLDS.items()}
     problems = plumbing.check_settings(args, world_of(args), builds)
-    if args.toy_prompts is not None and not world_of(args):
-        problems.append("--toy-prompts narrows a toy world's prompts: use it with --model tiny or tiny-video and no "
-                        "--prompt-file")
+    prompt_file_wrong = any(p.startswith("--prompt-file") for p in problems)  # the root error: nothing follows it
     try:
-        rewards = parse_reward(args.reward)
-        foreign = [n for n in rewards if n in WORLD_REWARDS and WORLDS[WORLD_REWARDS[n]] is not world_of(args)]
-        if foreign and not any(p.startswith("--prompt-file") for p in problems):
-            problems.append(f"--reward {args.reward} scores the toy world's prompts: use it with --model "
-                            f"{WORLD_REWARDS[foreign[0]]} and no --prompt-file")
+        names = parse_reward(args.reward, reward_table(args))
+        if not world_of(args) and not prompt_file_wrong:
+            problems += rewards.check_prompts(names, args.prompt_file)
     except ValueError as error:
-        problems.append(str(error))
+        names = [part.partition("=")[0].strip() for part in args.reward.split(",")]
+        homes = [model for model, table in WORLD_REWARDS.items() if set(names) & set(table)]
+        if not (homes and prompt_file_wrong):
+            problems.append(f"--reward {args.reward} scores the toy world of --model {homes[0]}: use it there, "
+                            "without --prompt-file" if homes else str(error))
     if problems:
         raise UsageError("\n".join(problems))
 
 
-def parse_cli(argv: list[str]) -> Args:
-    """tyro's command line; --resume FOLDER makes that run's settings and folder the defaults (plumbing.parse_cli)."""
-    return plumbing.parse_cli(Args, argv)
+parse_cli = functools.partial(plumbing.parse_cli, Args)  # tyro; --resume FOLDER: that run's settings are the defaults
 
 
 if __name__ == "__main__":

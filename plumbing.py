@@ -7,6 +7,7 @@ this file, which imports nothing of op_grpo.py.
 
 import contextlib
 import datetime
+import io
 import importlib.util
 import json
 import logging
@@ -68,9 +69,17 @@ def check_settings(args, toy, builds: dict[str, str]) -> list[str]:
             wrong.add(f)
     low, high = window_range(args)
     fits = 0 <= low <= high - args.sde_window <= K - args.sde_window
-    if args.sde_window and not wrong & {"num_steps", "sde_window"} and not fits:
+    if args.sde_window_range is not None and not args.sde_window:
+        problems.append(f"--sde-window-range {low} {high} places an SDE window: give its length with --sde-window L")
+    elif args.sde_window and not wrong & {"num_steps", "sde_window"} and not fits:
         problems.append(f"--sde-window-range must hold the window of {args.sde_window} steps within [0, {K}], got "
                         f"{low} {high}")
+    if args.sde_type == "cps" and not 0 < args.noise_level <= 1:
+        problems.append(f"--noise-level must be in (0, 1] with --sde-type cps (its noise is sigma_next sin(a pi / 2)), "
+                        f"got {args.noise_level}")
+    if args.sde_type == "cps" and (args.train_steps or K - 1) >= K:
+        problems.append(f"--train-steps {args.train_steps} trains the last step, which --sde-type cps makes noiseless "
+                        f"(sigma_next = 0): at most {K - 1}")
     multiple, largest, why = image_sides(args.pretrained)
     for f, side in (("resolution", args.resolution), ("width", args.width)):
         if side is not None and (not multiple <= side <= largest or side % multiple):
@@ -88,6 +97,11 @@ def check_settings(args, toy, builds: dict[str, str]) -> list[str]:
             problems.append(f"--prompt-file {args.prompt_file} cannot be used: {prompts}")
     if args.toy_prompts is not None and toy is not None:
         problems += check_toy_prompts(args.toy_prompts, toy)
+    elif args.toy_prompts is not None:
+        problems.append("--toy-prompts narrows a toy world's prompts: use it with --model tiny or tiny-video and no "
+                        "--prompt-file")
+    if args.task is not None and args.model != "sd3":
+        problems.append(f"--task {args.task} is one of Flow-GRPO's SD3 configs: use it with --model sd3")
     if args.wandb_project and importlib.util.find_spec("wandb") is None:
         problems.append("--wandb-project needs the wandb package: pip install wandb")
     return problems + check_device(args.device) + check_pretrained(args.pretrained, builds) + check_folders(args)
@@ -183,18 +197,40 @@ def check_folders(args) -> list[str]:
         return problems + [f"--resume {args.resume}: no {CHECKPOINT} in that folder"]
     try:
         with open(os.path.join(args.resume, "args.json")) as f:
-            saved = json.load(f)
+            json.load(f)  # readable: the defaults of the resumed run
     except (OSError, ValueError) as error:
         return problems + [f"--resume {args.resume}: its args.json cannot be read ({type(error).__name__}: {error})"]
     try:
         done = read_checkpoint(args.resume, verify=False)["iteration"]
     except UsageError as error:
         return problems + [str(error)]
-    problems += [f"--{f.replace('_', '-')} {getattr(args, f)} differs from the resumed run's {saved.get(f)}"
-                 for f in STRUCTURAL_FLAGS if saved.get(f) != getattr(args, f)]
     if args.iterations <= done:
         problems.append(f"--iterations {args.iterations}: the run in {args.resume} has already done {done}; raise it")
     return problems
+
+
+def resume_clash(args) -> str:
+    """'' unless --resume names a run whose model or latent shape (STRUCTURAL_FLAGS) differs from these settings."""
+    if not args.resume:
+        return ""
+    try:
+        with open(os.path.join(args.resume, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return ""
+    for f in STRUCTURAL_FLAGS:
+        if saved.get(f) != getattr(args, f):
+            return (f"--{f.replace('_', '-')} {getattr(args, f)} differs from the resumed run's {saved.get(f)}: a run "
+                    f"goes on with its own; start a new run (without --resume) to change it")
+    return ""
+
+
+def free_folder(base: str) -> str:
+    """base, or the first of base-2, base-3, ... holding no run: a default --output-dir never meets an earlier run."""
+    n = 1
+    while run_files(folder := base if n == 1 else f"{base}-{n}"):
+        n += 1
+    return folder
 
 
 def run_files(folder: str) -> str:
@@ -211,9 +247,9 @@ def run_files(folder: str) -> str:
     return ", ".join(held + (["args.json"] if held and os.path.exists(os.path.join(folder, "args.json")) else []))
 
 
-def from_hub(name: str, load):
+def from_hub(name: str, load, flag: str | None = "--pretrained"):
     """Run a from_pretrained call with the libraries' chatter off; a model that is gated, missing or out of reach
-    becomes one UsageError that says which and what to do."""
+    becomes one UsageError that says which and what to do (flag: the one that names another copy, if any)."""
     import diffusers
     import transformers
 
@@ -224,8 +260,8 @@ def from_hub(name: str, load):
         return load()
     except OSError as error:
         raise UsageError(f"cannot load {name}: {hub_failure(error)}. Fetch it where the Hub can be reached (`hf auth "
-                         f"login`, then `hf download {name}`) and point HF_HOME at that cache, or give --pretrained a "
-                         "local folder") from None
+                         f"login`, then `hf download {name}`) and point HF_HOME at that cache"
+                         + (f", or give {flag} a local folder" if flag else "")) from None
     finally:
         diffusers.utils.logging.set_verbosity(levels[0])
         transformers.utils.logging.set_verbosity(levels[1])
@@ -246,10 +282,29 @@ def hub_failure(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
+def write_json(path: str, results, root: str) -> None:
+    """Results as JSON with no path of this machine in them: a path under `root` (the repository) is written relative
+    to it, any other absolute path as <elsewhere>/ and its last part (a scratch folder says nothing elsewhere)."""
+    def portable(value):
+        if isinstance(value, dict):
+            return {portable(k): portable(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [portable(v) for v in value]
+        if isinstance(value, str) and os.path.isabs(value):
+            inside = os.path.commonpath([os.path.abspath(value), root]) == root
+            return os.path.relpath(value, root) if inside else "<elsewhere>/" + os.path.basename(value.rstrip("/"))
+        return value
+
+    with open(path, "w") as f:
+        json.dump(portable(results), f, indent=1)
+
+
 def read_prompts(path: str) -> list[str]:
-    """A prompt file: one prompt per line; blank lines and lines starting with # are skipped."""
+    """A prompt file: one prompt per line, blank lines and lines starting with # skipped; or GenEval's metadata
+    (.jsonl): the "prompt" of each JSON line."""
     with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    return [json.loads(line).get("prompt", "") for line in lines] if path.endswith(".jsonl") else lines
 
 
 # --model sd3 without --prompt-file: a small, varied list in the spirit of the PickScore/DrawBench prompts
@@ -300,9 +355,11 @@ def batch_arithmetic(args, world: int) -> str:
     low, high = window_range(args)
     window = (f"; an SDE window of {args.sde_window} steps starting in [{low}, {high - args.sde_window}], ODE "
               "elsewhere" if args.sde_window else "")
+    trained = args.train_steps or K - 1
+    steps = f"the window's steps among the first {trained}" if args.sde_window else f"the first {trained} steps"
     return (f"batch: {P} prompts x {G} images = {P * G} trajectories of {K} steps per iteration{window}; {replay}; "
-            f"{updates} update{'s' * (updates != 1)} of {P * G // updates} samples on the first "
-            f"{args.train_steps or K - 1} steps" + (f", {args.micro_batch} per pass" if args.micro_batch else "")
+            f"{updates} update{'s' * (updates != 1)} of {P * G // updates} samples on {steps}"
+            + (f", {args.micro_batch} per pass" if args.micro_batch else "")
             + (f"; {world} processes, whole groups each" if world > 1 else ""))
 
 
@@ -593,7 +650,7 @@ class Logger:
     """metrics.jsonl (a resumed run's earlier rows first), the progress bar, and optionally Weights & Biases."""
 
     def __init__(self, args, processes, history: list, start: int):
-        self.main, self.tracker, self.eval = processes.main, None, None
+        self.main, self.tracker, self.eval, self.label = processes.main, None, None, "eval"
         if args.wandb_project and self.main:
             import wandb
 
@@ -609,8 +666,9 @@ class Logger:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         self.eval = row.get("eval_reward", self.eval)
+        self.label = "strict" if "eval/held_out" in row else self.label  # a toy world's evaluation: strict accuracy
         self.bar.update(1)
-        shown = (("reward", row.get("reward_mean")), ("eval", self.eval))
+        shown = (("reward", row.get("reward_mean")), (self.label, self.eval))
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown if v is not None})
         if self.tracker:
             self.tracker.log({k: v for k, v in row.items() if not isinstance(v, list)}, step=row["iteration"])
@@ -701,19 +759,38 @@ def parse_cli(cls, argv: list[str]):
     for i, token in enumerate(argv):
         if token == "--resume" or token.startswith("--resume="):
             folder = token.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
+            if not os.path.isdir(folder):
+                raise UsageError(f"--resume {folder}: no such folder; give the --output-dir of an earlier run (each "
+                                 "run prints it at the end, e.g. runs/tiny)")
             try:
                 with open(os.path.join(folder, "args.json")) as f:
                     defaults = cls(**{**json.load(f), "overwrite": False, "output_dir": folder})
             except (OSError, ValueError, TypeError) as error:
-                raise UsageError(f"--resume {folder}: cannot read the run's args.json ({error})") from None
-    return tyro.cli(cls, args=argv, default=defaults)
+                raise UsageError(f"--resume {folder}: not a run folder, its args.json cannot be read ({error}); give "
+                                 "the --output-dir of an earlier run") from None
+    if {"-h", "--help"} & set(argv):
+        return tyro.cli(cls, args=argv, default=defaults)
+    said = io.StringIO()  # tyro's own error box, made one line in the style of every other error
+    try:
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
+            return tyro.cli(cls, args=argv, default=defaults)
+    except SystemExit:
+        lines = [line.strip(" │╭╮╰╯─-") for line in said.getvalue().splitlines()]
+        start = next((i for i, line in enumerate(lines) if i and line), 0)
+        message = " ".join(lines[start : lines.index("", start) if "" in lines[start:] else None])
+        raise UsageError(re.sub(" +", " ", message.replace("{None}|", "")).strip()) from None
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation output: the summary line and the before/after picture
 # ---------------------------------------------------------------------------------------------------------
+def eval_label(sets: dict) -> str:
+    """What eval_reward is: a toy world's strict accuracy (held-out and training sets), else the mean reward."""
+    return "strict accuracy" if "held_out" in sets else "mean reward"
+
+
 def eval_summary(metrics: dict, sets: dict) -> str:
-    return (f"eval_reward {metrics['eval_reward']:.3f} +- {metrics['eval_se']:.3f} ("
+    return (f"{eval_label(sets)} {metrics['eval_reward']:.3f} +- {metrics['eval_se']:.3f} ("
             + ", ".join(f"{name} {metrics[f'eval/{name}']:.3f}" for name in sets) + ")")
 
 
@@ -788,21 +865,35 @@ def before_after_grid(prompts, before, after, path, score=None, columns=8, title
     grid.save(path)
 
 
-def grid_title(before: dict, after: dict, sets: dict, scored: bool) -> list[str]:
-    """The before/after picture's title: what the numbers under the images are, and the run's overall change."""
+def grid_title(before: dict, after: dict, sets: dict, scored: bool, video: bool = False) -> list[str]:
+    """The before/after picture's title: what the numbers under the images (videos) are, and the run's change."""
     change = f"{before['eval_reward']:.3f} -> {after['eval_reward']:.3f} (change {after['eval_change']:+.3f} +- " \
              f"{after['eval_change_se']:.3f}, paired SE), over {', '.join(sets)}"
     if not scored:
         return [f"Before and after training, the same prompts and noise. Mean reward {change}"]
-    return ["Before and after training, the same prompts and noise. With each image (video), the strict verifier of "
-            "the toy world: 1 = it shows what its prompt asks, 0 = it does not.",
+    return [f"Before and after training, the same prompts and noise. With each {'video' if video else 'image'}, the "
+            "strict verifier of the toy world: 1 = it shows what its prompt asks, 0 = it does not.",
             f"Strict accuracy of the whole evaluation {change}; {len(next(iter(sets.values())))} "
             f"{next(iter(sets))} prompts, 16 shown."]
 
 
-def report_results(args, state, sets: dict, images: dict, logger, score, save_weights) -> None:
-    """After the last iteration: before/after scores per set and family, the before/after grid (score(prompt,
-    image) -> 0/1 labels it; None: no scores) and the fine-tuned weights (save_weights(folder))."""
+def save_weights(transformer, args, folder: str, pipeline: str) -> None:
+    """LoRA: diffusers' LoRA format, which the pipeline's (class name `pipeline`) load_lora_weights(folder) reads with
+    its rank and alpha; full fine-tuning: the transformer in diffusers format."""
+    if not args.lora_rank:
+        return transformer.save_pretrained(folder)
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    metadata = transformer.peft_config["default"].to_dict()  # rank and alpha, read back by load_lora_weights
+    getattr(diffusers, pipeline).save_lora_weights(folder, get_peft_model_state_dict(transformer),
+                                                   transformer_lora_adapter_metadata=metadata)
+
+
+def report_results(args, state, sets: dict, mix, images: dict, logger, score, transformer, pipeline: str) -> None:
+    """After the last iteration: before/after scores per set and family (mix: the families' weights in a set's
+    score), the before/after grid (score(prompt, image) -> 0/1 labels it; None: no scores) and the fine-tuned
+    weights (save_weights)."""
     final, before = state.history[-1], state.baseline["metrics"]
     print(f"after:  {eval_summary(final, sets)}; change {final['eval_change']:+.3f} "
           f"+- {final['eval_change_se']:.3f} (paired standard error)")
@@ -810,13 +901,17 @@ def report_results(args, state, sets: dict, images: dict, logger, score, save_we
     met = [k for k in final if "/met/" in k and k in before]  # the toy video world: which requirements pass
     for key in sorted(families) + sorted(met):
         print(f"  {key:30s} {before[key]:.3f} -> {final[key]:.3f}")
+    if families and mix:
+        print("  a set's score is not the plain mean of its rows: families weigh " + ", ".join(
+            f"{f} {w:g}" for f, w in mix.items()) + ", as training draws them, over the families the set has")
     picks, grid_path = grid_picks(sets), os.path.join(args.output_dir, "before_after.png")
     before_pictures = [to_pil(t) for t in state.baseline["grid"]]
     after = [images[next(iter(sets))][i] for i, _ in picks]
-    draw = before_after_strips if isinstance(after[0], list) else before_after_grid  # videos: rows of frames
-    draw([p for _, p in picks], before_pictures, after, grid_path, score,
-         title=grid_title(before, final, sets, score is not None))
+    video = isinstance(after[0], list)  # videos: rows of frames
+    title = grid_title(before, final, sets, score is not None, video)
+    (before_after_strips if video else before_after_grid)([p for _, p in picks], before_pictures, after, grid_path,
+                                                          score, title=title)
     weights = "lora" if args.lora_rank else "transformer"
-    save_weights(os.path.join(args.output_dir, weights))
+    save_weights(transformer, args, os.path.join(args.output_dir, weights), pipeline)
     logger.finish(grid_path)
     print(f"results in {args.output_dir}/: metrics.jsonl, before_after.png, {weights}/, {CHECKPOINT}")

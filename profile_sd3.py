@@ -51,6 +51,7 @@ import tyro
 
 import op_grpo
 import plumbing
+import rewards
 
 STAGES = ["time/sampling", "time/reward", "time/replay_old", "time/tail", "time/update"]  # evaluation aside
 
@@ -616,7 +617,7 @@ def saved_activations(device: torch.device, micro_batch: int | None = None, mode
 # 5. The run: op_grpo.main on the built folder, watched; then the passes it made, timed alone
 # ---------------------------------------------------------------------------------------------------------
 def random_pickscore(args: ProfileArgs):
-    """A stand-in for op_grpo.load_pickscore that builds a random CLIP-H of PickScore's shape and a processor made
+    """A stand-in for rewards.load_pickscore that builds a random CLIP-H of PickScore's shape and a processor made
     in code: the scores mean nothing, the memory and seconds are PickScore's."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
@@ -630,9 +631,9 @@ def random_pickscore(args: ProfileArgs):
         torch.manual_seed(args.seed)
         with torch.device(device):
             model = CLIPModel(config)
-        op_grpo.PICKSCORE["model"] = model.to(dtype).eval().requires_grad_(False)
+        rewards.PICKSCORE["model"] = model.to(dtype).eval().requires_grad_(False)
         image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-        op_grpo.PICKSCORE["processor"] = CLIPProcessor(tokenizer=tokenizer, image_processor=image_processor)
+        rewards.PICKSCORE["processor"] = CLIPProcessor(tokenizer=tokenizer, image_processor=image_processor)
 
     return load_pickscore
 
@@ -657,9 +658,9 @@ def watched_run(args: ProfileArgs, run: op_grpo.Args) -> tuple[list[dict], RunWa
     rows_path = os.path.join(run.output_dir, "metrics.jsonl")
     if os.path.exists(rows_path):
         os.remove(rows_path)  # the watcher counts its rows
-    load_pickscore = op_grpo.load_pickscore
+    load_pickscore = rewards.load_pickscore
     if args.pickscore:
-        op_grpo.load_pickscore = random_pickscore(args)
+        rewards.load_pickscore = random_pickscore(args)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     clock = time.perf_counter()
@@ -667,7 +668,7 @@ def watched_run(args: ProfileArgs, run: op_grpo.Args) -> tuple[list[dict], RunWa
         with RunWatcher(rows_path) as watcher:
             rows = op_grpo.main(run)
     finally:
-        op_grpo.load_pickscore = load_pickscore
+        rewards.load_pickscore = load_pickscore
     return rows, watcher, time.perf_counter() - clock
 
 
@@ -751,8 +752,7 @@ def main(args: ProfileArgs) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
 
     def save(results: dict) -> None:
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=1)
+        plumbing.write_json(args.output, results, os.path.dirname(os.path.abspath(__file__)))
 
     results = profile(args, save)
     save(results)

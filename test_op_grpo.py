@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -16,11 +17,12 @@ import pytest
 import torch
 import tyro
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline, WanPipeline
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import op_grpo
 import plumbing
 import profile_sd3
+import rewards
 import toy_world
 from op_grpo import (
     Args,
@@ -36,6 +38,12 @@ from op_grpo import (
 
 torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True)
+def away_from_the_users_folders(tmp_path, monkeypatch):
+    """Every test runs in its own empty folder: a default --output-dir (runs/<model>) is never the user's."""
+    monkeypatch.chdir(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -487,12 +495,12 @@ def test_cli_parses_the_documented_flags():
     check_args(args)
     with pytest.raises(SystemExit):
         tyro.cli(Args, args=["--correction", "nonsense"])
-    assert op_grpo.parse_reward("pickscore=1.0, jpeg=0.1") == {"pickscore": 1.0, "jpeg": 0.1}
-    assert op_grpo.parse_reward("jpeg") == {"jpeg": 1.0}
+    assert op_grpo.parse_reward("pickscore=1.0, jpeg=0.1", rewards.REWARDS) == {"pickscore": 1.0, "jpeg": 0.1}
+    assert op_grpo.parse_reward("jpeg", rewards.REWARDS) == {"jpeg": 1.0}
     # flags left at None take the --model preset; given ones win
     sd3 = op_grpo.with_presets(tyro.cli(Args, args=["--model", "sd3", "--group-size", "12"]))
     assert (sd3.lora_rank, sd3.guidance_scale, sd3.clip_range, sd3.eval_steps, sd3.resolution, sd3.group_size) == (32, 4.5, 1e-4, 40, 512, 12)
-    assert sd3.pretrained == "stabilityai/stable-diffusion-3.5-medium" and sd3.reward == "pickscore"
+    assert sd3.pretrained == "stabilityai/stable-diffusion-3.5-medium" and sd3.reward == "pickscore"  # --task's
 
 
 @pytest.mark.parametrize(
@@ -549,6 +557,98 @@ def test_bad_flag_exits_with_one_line_and_no_traceback(tmp_path):
                                                                                "op_grpo.py: error: --kl-beta"]
 
 
+def test_tests_run_outside_the_repository_and_default_folders_never_meet_an_earlier_run(tmp_path):
+    assert os.path.realpath(os.getcwd()) == os.path.realpath(tmp_path) != os.path.realpath(HERE)
+    assert op_grpo.with_presets(Args()).output_dir == os.path.join("runs", "tiny")  # each model its own folder
+    assert op_grpo.with_presets(Args(model="tiny-video")).output_dir == os.path.join("runs", "tiny-video")
+    earlier = tmp_path / "runs" / "tiny"
+    earlier.mkdir(parents=True)
+    (earlier / plumbing.CHECKPOINT).write_bytes(b"")
+    (tmp_path / "runs" / "tiny-2").mkdir()  # an empty folder holds no run: it is taken
+    check_args(Args(sde_window=2))  # a second run with the default folder starts; the first is not touched
+    assert op_grpo.with_presets(Args(sde_window=2)).output_dir == os.path.join("runs", "tiny-2")
+    with pytest.raises(plumbing.UsageError, match="already holds a run"):  # named explicitly, it is refused
+        check_args(Args(output_dir=str(earlier)))
+
+
+def one_line_error(argv):
+    """The stderr of `python op_grpo.py argv`, which must fail before loading anything."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, "op_grpo.py"), *argv], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0 and result.stdout == ""
+    return result.stderr.splitlines()
+
+
+def test_what_a_new_user_mistypes_gets_one_line_that_says_what_to_do(tmp_path):
+    assert one_line_error(["--model", "nosuch"]) == [
+        "op_grpo.py: error: invalid choice 'nosuch' for argument '--model'. Expected one of ('tiny', 'sd3', 'wan', "
+        "'tiny-video')."]
+    assert one_line_error(["--group-size", "abc"]) == [
+        "op_grpo.py: error: Error parsing --group-size: no type matching INT could be instantiated from ['abc']."]
+    [line] = one_line_error(["--resume", str(tmp_path / "nothere")])
+    assert "no such folder; give the --output-dir of an earlier run" in line
+    [line] = one_line_error(["--sde-window-range", "5", "2"])
+    assert line == "op_grpo.py: error: --sde-window-range 5 2 places an SDE window: give its length with --sde-window L"
+    op_grpo.main(short_run(tmp_path, "image_run", iterations=1))
+    [line] = one_line_error(["--resume", str(tmp_path / "image_run"), "--model", "tiny-video"])
+    assert line.startswith("op_grpo.py: error: --model tiny-video differs from the resumed run's tiny")
+
+
+def test_the_console_names_strict_accuracy_the_window_and_why_a_set_is_not_the_mean_of_its_rows(tmp_path, capsys):
+    windowed = op_grpo.with_presets(Args(sde_window=2))
+    assert plumbing.batch_arithmetic(windowed, 1).endswith("on the window's steps among the first 9")
+    assert plumbing.batch_arithmetic(op_grpo.with_presets(Args()), 1).endswith("on the first 9 steps")
+    metrics = {"eval_reward": 0.25, "eval_se": 0.1, "eval/held_out": 0.2, "eval/train": 0.3, "eval/prompts": 0.25}
+    assert plumbing.eval_summary(metrics, {"held_out": [], "train": []}).startswith("strict accuracy 0.250 +- 0.100")
+    assert plumbing.eval_summary(metrics, {"prompts": []}).startswith("mean reward 0.250")
+    before, after = {"eval_reward": 0.4}, {"eval_reward": 0.5, "eval_change": 0.1, "eval_change_se": 0.02}
+    sets = {"held_out": ["a red circle"], "train": ["a red circle"]}
+    assert "With each image, the strict verifier" in plumbing.grid_title(before, after, sets, True)[0]
+    assert "With each video, the strict verifier" in plumbing.grid_title(before, after, sets, True, video=True)[0]
+    rows = op_grpo.main(short_run(tmp_path, "run", iterations=1))
+    out = capsys.readouterr()
+    assert "before: strict accuracy" in out.out and "after:  strict accuracy" in out.out
+    final = rows[-1]
+    held_out = {f: final[f"eval/held_out/{f}"] for f in toy_world.FAMILIES if f"eval/held_out/{f}" in final}
+    weighted = sum(toy_world.EVAL_MIX[f] * v for f, v in held_out.items()) / sum(toy_world.EVAL_MIX[f] for f in held_out)
+    assert final["eval/held_out"] == pytest.approx(weighted)  # what the printed note says
+    assert "a set's score is not the plain mean of its rows: families weigh single 0.2, counting 0.3" in out.out
+    assert "strict=" in out.err  # the progress bar's evaluation is strict accuracy too
+
+
+def test_requirements_list_every_package_the_code_imports_and_the_readme_runs():
+    import ast
+
+    listed = {re.split(r"[=<>\[ ]", line)[0].lower() for line in open(os.path.join(HERE, "requirements.txt"))
+              if line.strip() and not line.startswith("#")}
+    ours = {name[:-3] for name in os.listdir(HERE) if name.endswith(".py")}
+    optional = {"wandb"}  # imported only with --wandb-project, which says to install it
+    dist = {"PIL": "pillow"}
+    imported = set()
+    for name in ours:
+        for node in ast.walk(ast.parse(open(os.path.join(HERE, name + ".py")).read())):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            imported |= {m.split(".")[0] for m in modules}
+    third_party = {dist.get(m, m).lower().replace("_", "-") for m in imported
+                   if m not in sys.stdlib_module_names and m not in ours and m not in optional}
+    readme = open(os.path.join(HERE, "README.md")).read()
+    commands = {"accelerate"} & set(re.findall(r"^(\w+) launch", readme, re.M))
+    assert commands == {"accelerate"} and not (third_party | commands) - listed, (third_party | commands) - listed
+
+
+def test_committed_results_hold_no_path_of_the_machine_they_ran_on():
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)] + [s for k in value for s in strings(k)]
+        return [s for v in value for s in strings(v)] if isinstance(value, list) else [value] * isinstance(value, str)
+
+    for name in sorted(os.listdir(os.path.join(HERE, "assets"))):
+        if name.endswith(".json"):
+            found = [s for s in strings(json.load(open(os.path.join(HERE, "assets", name)))) if os.path.isabs(s)]
+            assert not found, f"{name}: {found[:2]}"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The toy world
 # ---------------------------------------------------------------------------------------------------------
@@ -595,8 +695,8 @@ def test_strict_and_dense_geneval_rewards():
     rng = random.Random(3)
     right = toy_world.render(toy_world.SPEC_BY_PROMPT["a red square left of a blue circle"], rng)
     prompts = ["a red square left of a blue circle", "a red square right of a blue circle"]
-    strict = op_grpo.REWARDS["geneval_strict"]([right, right], prompts)
-    dense = op_grpo.REWARDS["geneval"]([right, right], prompts)
+    toy = op_grpo.reward_table(op_grpo.with_presets(Args()))  # the toy world's verifiers under GenEval's names
+    strict, dense = toy["geneval_strict"]([right, right], prompts), toy["geneval"]([right, right], prompts)
     assert strict.tolist() == [1.0, 0.0]  # the flipped relation fails one requirement: no partial credit
     assert dense[0].item() == 1.0 and 0.5 < dense[1].item() < 1.0
 
@@ -966,7 +1066,7 @@ def nan_on_call(function, call_to_break, when=lambda *a, **k: True):
 
 
 def test_a_nan_reward_is_named_and_that_update_skipped(tmp_path, monkeypatch):
-    monkeypatch.setitem(op_grpo.REWARDS, "geneval", nan_on_call(toy_world.geneval_reward, 2))
+    monkeypatch.setitem(op_grpo.WORLD_REWARDS["tiny"], "geneval", nan_on_call(toy_world.geneval_reward, 2))
     rows = op_grpo.main(short_run(tmp_path, "run", iterations=3, off_policy_fraction=0.0))
     assert "reward_mean" in rows[0] and "reward_mean" in rows[2]
     assert rows[1]["skipped"].startswith("non-finite reward 'geneval'") and "for prompt '" in rows[1]["skipped"]
@@ -990,7 +1090,7 @@ def test_a_failing_reward_names_the_reward_and_prompt_and_keeps_a_checkpoint(tmp
             raise ZeroDivisionError("no triangles here")
         return toy_world.geneval_reward(images, prompts)
 
-    monkeypatch.setitem(op_grpo.REWARDS, "geneval", fragile)
+    monkeypatch.setitem(op_grpo.WORLD_REWARDS["tiny"], "geneval", fragile)
     with pytest.raises(RuntimeError, match=r"reward 'geneval' failed on prompt '[^']*triangle[^']*': ZeroDivisionError"):
         op_grpo.main(short_run(tmp_path, "run"))
     saved = torch.load(tmp_path / "run" / plumbing.CHECKPOINT, weights_only=True)
@@ -1197,6 +1297,356 @@ def test_sd3_path_run_saves_a_lora_that_load_lora_weights_reproduces(tmp_path):
 
 
 def test_pickscore_wrapper_and_weighted_sum_on_a_tiny_random_clip(monkeypatch):
+    model, processor = tiny_clip()
+    tokenizer = processor.tokenizer
+    monkeypatch.setitem(rewards.PICKSCORE, "model", model)
+    monkeypatch.setitem(rewards.PICKSCORE, "processor", processor)
+    prompts = ["a red circle", "two blue squares", "a green triangle"]
+    images = [toy_world.render(toy_world.SPEC_BY_PROMPT[p], random.Random(i)) for i, p in enumerate(prompts)]
+    scores = rewards.pickscore_reward(images, prompts)
+    # independently: normalised projected embeddings, their cosine times exp(logit_scale), over 26
+    with torch.no_grad():
+        pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        tokens = tokenizer(prompts, padding=True, return_tensors="pt")
+        image_emb = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        text_emb = model.text_projection(model.text_model(**tokens).pooler_output)
+        cosine = torch.nn.functional.cosine_similarity(image_emb, text_emb)
+    torch.testing.assert_close(scores, model.logit_scale.exp() * cosine / 26, atol=1e-5, rtol=1e-5)
+    table = rewards.REWARDS
+    combined = op_grpo.weighted_reward(op_grpo.parse_reward("pickscore=1.0,jpeg=0.1", table), table)(images, prompts)
+    torch.testing.assert_close(combined, scores + 0.1 * rewards.jpeg_reward(images, prompts))
+
+
+def test_ocr_score_formula_against_hand_computed_edit_distances():
+    assert rewards.ocr_target('a sign that reads "Open Late" at night') == "Open Late"
+    assert rewards.ocr_target('it says "half') == "half"  # Flow-GRPO's split('"')[1]: up to the next quote or the end
+    for prompt in ("no quotes here", 'an empty "" quote', 'blank "   " text'):
+        with pytest.raises(ValueError, match="no text in double quotes"):
+            rewards.ocr_target(prompt)
+    # spaces dropped, lower case; d = Levenshtein distance capped at the target's length n; reward 1 - d / n
+    assert rewards.text_score("OPEN LATE", "Open Late") == 1.0
+    assert rewards.text_score("0penlate", "Open Late") == 1 - 1 / 8  # one substitution (0 for o) of 8 letters
+    assert rewards.text_score("openlat", "Open Late") == 1 - 1 / 8  # one deletion
+    assert rewards.text_score("kitten", "sitting") == 1 - 3 / 7  # the textbook distance 3
+    assert rewards.text_score("", "Open Late") == 0.0  # nothing read: d = n
+    assert rewards.text_score("a long unrelated paragraph of text", "stop") == 0.0  # d capped at n, never below 0
+    assert rewards.text_score("we are open late tonight", "Open Late") == 1.0  # the image rule: contained = 0
+    assert rewards.text_score("we are open late tonight", "Open Late", substring=False) == 0.0  # the video rule: 15 > 8
+
+
+def rendered_text(text, font, size, noisy, seed=0):
+    """A 512 px image with `text` drawn in the middle, on a plain or a noisy background."""
+    from PIL import ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(150, 230, (512, 512, 3), dtype=np.uint8) if noisy else np.full((512, 512, 3), 235, np.uint8)
+    image, face = Image.fromarray(pixels), ImageFont.truetype(font, size)
+    draw = ImageDraw.Draw(image)
+    draw.text(((512 - draw.textlength(text, font=face)) / 2, 256 - size / 2), text, font=face, fill=(20, 20, 60))
+    return image
+
+
+def test_ocr_reward_reads_rendered_text_with_the_real_engine():
+    import matplotlib
+
+    fonts = [os.path.join(matplotlib.get_data_path(), "fonts", "ttf", f) for f in ("DejaVuSans.ttf", "DejaVuSerif.ttf")]
+    images = [rendered_text("Open Late", f, size, noisy) for f in fonts for size in (28, 44, 64) for noisy in (0, 1)]
+    own = rewards.ocr_reward(images, ['a diner sign that reads "Open Late"'] * len(images))
+    other = rewards.ocr_reward(images, ['a sticky note with "Buy Milk"'] * len(images))
+    assert own.shape == (12,) and own.dtype == torch.float32 and (own >= 0.8).all(), own
+    assert (other <= own - 0.5).all(), other
+    blank = Image.new("RGB", (512, 512), "white")
+    assert rewards.ocr_reward([blank], ['a sign "Open Late"']).tolist() == [0.0]  # Flow-GRPO: nothing read scores 0
+    # the video form: frames 0, 4, 8 of 9; the mean over the frames that read anything, 0 if none does
+    text, empty = rendered_text("Buy Milk", fonts[0], 44, 0), Image.new("RGB", (512, 512), "white")
+    videos = [[text if f == 4 else empty for f in range(9)], [empty] * 9, [text] * 9]
+    assert rewards.video_ocr_reward(videos, ['a note "Buy Milk"'] * 3).tolist() == [1.0, 0.0, 1.0]
+    wrong = [[rendered_text("Buy Mild", fonts[0], 44, 0) if f == 0 else text for f in range(9)]]
+    assert rewards.video_ocr_reward(wrong, ['a note "Buy Milk"']).tolist() == pytest.approx([(1 - 1 / 7 + 2) / 3])
+
+
+def test_cps_step_against_its_formula_and_its_log_prob_against_the_gaussian_density():
+    g = torch.Generator().manual_seed(0)
+    x, v, noise = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    sigma, sigma_next, a = torch.tensor([1.0, 0.6, 0.2]), torch.tensor([0.8, 0.4, 0.1]), 0.8
+    x_next, log_prob, mean, std = sde_step_with_logprob(v, x, sigma, sigma_next, a, noise=noise, sde_type="cps")
+    s, sn = sigma.view(-1, 1, 1, 1), sigma_next.view(-1, 1, 1, 1)
+    std_expected = sn * math.sin(a * math.pi / 2)  # Flow-GRPO-Fast: sigma_next sin(a pi / 2)
+    x0, x1 = x - s * v, x + (1 - s) * v
+    mean_expected = x0 * (1 - sn) + x1 * torch.sqrt(sn**2 - std_expected**2)
+    torch.testing.assert_close(std, std_expected)
+    torch.testing.assert_close(mean, mean_expected)
+    torch.testing.assert_close(x_next, mean_expected + std_expected * noise)
+    torch.testing.assert_close(log_prob, -((x_next - mean) ** 2).mean(dim=(1, 2, 3)))  # no constants, no variance
+    # what a ratio of CPS log-probs is: the Gaussian's per-dimension log-ratio times 2 std^2 (std is the same under
+    # both weights at a step), so CPS's sequence weight is the product of the Gaussian ratios to the power 2 std_k^2
+    v_other = v + 0.05 * torch.randn(v.shape, generator=g)
+    _, log_prob_other, mean_other, _ = sde_step_with_logprob(v_other, x, sigma, sigma_next, a, prev_sample=x_next,
+                                                             sde_type="cps")
+    normal = lambda m: torch.distributions.Normal(m, std.expand_as(m)).log_prob(x_next).mean(dim=(1, 2, 3))
+    gaussian_log_ratio = normal(mean_other) - normal(mean)
+    torch.testing.assert_close(log_prob_other - log_prob, 2 * std.flatten() ** 2 * gaussian_log_ratio, rtol=1e-4,
+                               atol=1e-6)
+    # noise level 0 is the Euler step, as for the SDE
+    euler, _, _, _ = sde_step_with_logprob(v, x, sigma, sigma_next, 0.0, sde_type="cps")
+    torch.testing.assert_close(euler, x + (sn - s) * v)
+
+
+def test_cps_marginals_on_gaussian_toy_flows_against_their_closed_form():
+    """CPS keeps x_sigma's coefficients of data and noise about the predicted x0: exact where that prediction is
+    (a point mass), not for data with spread, where E[x0 | x] shrinks. With the exact velocity every step is linear
+    Gaussian, so the variance after each step has a closed form: V' = ((1 - s') alpha + c beta)^2 V + std^2, with
+    alpha = (1 - s) S0^2 / V_s, beta = s / V_s (V_s: the flow's marginal), c = sqrt(s'^2 - std^2). Monte Carlo
+    follows it, and ends below the data's S0."""
+    sigmas, a = torch.linspace(0.95, 0.0, 21), 0.8
+    mean0, var0 = marginal(0.95)
+    g = torch.Generator().manual_seed(1)
+    x = mean0 + math.sqrt(var0) * torch.randn(200_000, 1, 1, 1, generator=g)
+    variance = var0
+    for k in range(20):
+        s, s_next = sigmas[k].item(), sigmas[k + 1].item()
+        std = s_next * math.sin(a * math.pi / 2)
+        true_variance = marginal(s)[1]  # the exact velocity is E[eps - x0 | x] under the flow's own marginal
+        gain = ((1 - s_next) * (1 - s) * S0**2 + math.sqrt(s_next**2 - std**2) * s) / true_variance
+        variance = gain**2 * variance + std**2
+        x, _, _, _ = sde_step_with_logprob(exact_velocity(x, s), x, s, s_next, a, generator=g, sde_type="cps")
+        assert abs(x.mean().item() - (1 - s_next) * M) < 0.01  # the mean is kept at every step
+        assert abs(x.var().item() - variance) < 0.01 * variance + 1e-4, (k, x.var().item(), variance)
+    assert abs(math.sqrt(variance) - S0) > 0.05  # not the data's spread: CPS is not marginal-preserving here
+    # a point mass (S0 = 0): x0 is predicted exactly, and every step lands on (1 - s') m + s' eps
+    x = 0.95 * torch.randn(200_000, 1, 1, 1, generator=g) + 0.05 * M
+    for k in range(20):
+        s, s_next = sigmas[k].item(), sigmas[k + 1].item()
+        x, _, _, _ = sde_step_with_logprob((x - (1 - s) * M) / s - M, x, s, s_next, a, generator=g, sde_type="cps")
+        assert abs(x.mean().item() - (1 - s_next) * M) < 0.01 and abs(x.std().item() - s_next) < 0.01
+
+
+def test_sd3_tasks_match_flow_grpo_configs():
+    """Flow-GRPO's config/grpo.py transcribed (over base.get_config): general_ocr_sd3, geneval_sd3, pickscore_sd3
+    and Flow-GRPO-Fast's geneval_sd3_fast_nocfg, pickscore_sd3_fast_nocfg; what one GPU cannot share (48 groups
+    per epoch on 32 GPUs, EMA, global std) is in RESULTS.md ("Recipe notes")."""
+    shared = dict(num_steps=10, eval_steps=40, resolution=512, learning_rate=3e-4, adv_clip=5.0, max_grad_norm=1.0,
+                  lora_rank=32, lora_alpha=64, updates_per_batch=2, max_sequence_length=128)
+    slow = dict(shared, guidance_scale=4.5, noise_level=0.7, clip_range=1e-4, sde_type="sde", sde_window=0,
+                train_steps=9, group_size=24)  # train_steps: int(timestep_fraction 0.99 x 10)
+    fast = dict(shared, guidance_scale=1.0, noise_level=0.8, clip_range=1e-5, kl_beta=0.0, sde_type="cps",
+                sde_window=3, sde_window_range=(0, 5))
+    configs = {"ocr": dict(slow, kl_beta=0.04, reward="ocr"), "geneval": dict(slow, kl_beta=0.04, reward="geneval"),
+               "pickscore": dict(slow, kl_beta=0.01, reward="pickscore"),
+               "geneval-fast": dict(fast, group_size=24, reward="geneval"),
+               "pickscore-fast": dict(fast, group_size=18, reward="pickscore")}
+    for task, config in configs.items():
+        args = op_grpo.with_presets(Args(model="sd3", task=task))
+        ours = {k: getattr(args, k) for k in config}
+        ours.update(lora_alpha=args.lora_alpha or 2 * args.lora_rank)
+        if "train_steps" in config:  # Flow-GRPO-Fast trains its window's steps, which lie in the first 9 here too
+            ours.update(train_steps=args.train_steps or args.num_steps - 1)
+        assert ours == config, task
+    assert op_grpo.with_presets(Args(model="sd3")) == op_grpo.with_presets(Args(model="sd3", task="pickscore"))
+    assert op_grpo.with_presets(Args(model="sd3", task="ocr")).prompt_file == op_grpo.OCR_PROMPTS
+    check_args(Args(model="sd3", task="ocr"))  # its built-in prompts all quote a text
+    check_args(Args(model="sd3", task="pickscore-fast"))
+    assert op_grpo.with_presets(Args(model="wan")).reward == "video_ocr"  # general_ocr_wan2_1's reward
+
+
+def test_task_and_reward_mistakes_get_one_line_naming_the_flag(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a cat on a sofa\n")
+    cases = [(dict(model="sd3", task="geneval"), "--reward geneval needs GenEval's metadata: --prompt-file"),
+             (dict(model="sd3", reward="ocr", prompt_file=str(plain)), "--prompt-file .*plain.txt, prompt 1: no text"),
+             (dict(model="tiny", task="ocr"), "--task ocr is one of Flow-GRPO's SD3 configs: use it with --model sd3"),
+             (dict(model="sd3", task="pickscore-fast", noise_level=1.5), "--noise-level must be in \\(0, 1\\] with"),
+             (dict(model="sd3", reward="motion"), "--reward motion scores the toy world of --model tiny-video")]
+    for settings, message in cases:
+        with pytest.raises(plumbing.UsageError, match=message) as error:
+            check_args(Args(**settings))
+        assert len(str(error.value).splitlines()) == 1, str(error.value)
+    assert one_line_error(["--model", "sd3", "--task", "nosuch"])[0].startswith(
+        "op_grpo.py: error: invalid choice 'nosuch' for argument '--task'")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GenEval (rewards.py): GenEval's detection filter, IoU and relative position, Flow-GRPO's partial reward and
+# GenEval's official rule tag by tag (hand-computed values in comments), then the whole reward on tiny random
+# Mask2Former and CLIP models, the colour crops with a stub CLIP, and the metadata reader
+# ---------------------------------------------------------------------------------------------------------
+def obj(x1, y1, x2, y2, score=0.95, mask=None):
+    """A detection (box, mask). In the judge tests the mask slot carries the object's colour name instead, which
+    the fake classifier below reads back."""
+    return np.array([x1, y1, x2, y2, score], dtype=float), mask
+
+
+def fake_colors(objects, classname):
+    return [mask for _, mask in objects]
+
+
+def never_called(objects, classname):
+    raise AssertionError("colour classification should not run here")
+
+
+# ------------------------------------------------------------------------------------------------ detection filter
+def test_threshold_is_strict():
+    kept = rewards.filter_detections({"car": [obj(0, 0, 9, 9, 0.3), obj(20, 0, 29, 9, 0.31)]}, "single_object")
+    assert [box[4] for box, _ in kept["car"]] == [0.31]
+
+
+def test_counting_uses_its_own_threshold_and_empty_classes_are_dropped():
+    raw = {"cup": [obj(0, 0, 9, 9, s) for s in (0.5, 0.95, 0.9, 0.85)], "dog": [obj(0, 0, 9, 9, 0.2)]}
+    assert [box[4] for box, _ in rewards.filter_detections(raw, "counting")["cup"]] == [0.95]  # 0.9 itself is out
+    kept = rewards.filter_detections(raw, "colors")
+    assert [box[4] for box, _ in kept["cup"]] == [0.95, 0.9, 0.85, 0.5]  # sorted by score, descending
+    assert "dog" not in kept and "dog" not in rewards.filter_detections(raw, "counting")
+
+
+def test_max_objects_keeps_the_sixteen_most_confident_in_order():
+    scores = np.random.default_rng(0).permutation(np.linspace(0.4, 0.99, 20))
+    kept = rewards.filter_detections({"kite": [obj(0, 0, 9, 9, s, mask=f"m{s}") for s in scores]}, "position")["kite"]
+    assert [box[4] for box, _ in kept] == sorted(scores, reverse=True)[:rewards.MAX_OBJECTS] and len(kept) == 16
+    assert all(mask == f"m{box[4]}" for box, mask in kept)  # each mask stays with its box
+
+
+def test_no_duplicate_removal_at_one_and_greedy_suppression_below():
+    raw = {"car": [obj(0, 0, 9, 9, 0.9), obj(0, 0, 9, 9, 0.8), obj(5, 5, 14, 14, 0.7), obj(50, 50, 59, 59, 0.6)]}
+    assert len(rewards.filter_detections(raw, "two_object")["car"]) == 4  # NMS_THRESHOLD = 1.0: all kept
+    # at 0.5: the copy of the best box (IoU 1) goes; the shifted one (IoU 1/7) and the far one stay
+    kept = rewards.filter_detections(raw, "two_object", nms_threshold=0.5)["car"]
+    assert [box[4] for box, _ in kept] == [0.9, 0.7, 0.6]
+    # at 0.1: IoU 1/7 >= 0.1 drops the shifted box too
+    assert [box[4] for box, _ in rewards.filter_detections(raw, "two_object", nms_threshold=0.1)["car"]] == [0.9, 0.6]
+
+
+def test_compute_iou_counts_pixels_inclusively():
+    assert rewards.compute_iou([0, 0, 9, 9], [0, 0, 9, 9]) == 1
+    # 10 x 10 boxes each (inclusive); overlap [5, 9] x [5, 9] = 25 pixels; union 100 + 100 - 25 = 175
+    assert rewards.compute_iou([0, 0, 9, 9], [5, 5, 14, 14]) == pytest.approx(25 / 175)
+    # sharing the column x = 9: 1 x 10 = 10 pixels; union 190
+    assert rewards.compute_iou([0, 0, 9, 9], [9, 0, 18, 9]) == pytest.approx(10 / 190)
+    assert rewards.compute_iou([0, 0, 9, 9], [20, 20, 29, 29]) == 0
+    assert rewards.compute_iou([0, 0, -5, -5], [0, 0, -5, -5]) == 0  # empty union -> 0, not a division by zero
+
+
+# ----------------------------------------------------------------------------------------------- relative position
+def test_clearly_left_and_right():
+    # centres 100 apart in x, margin 0.1 x (10 + 10) = 2: shrunk offset -98 over norm 100 = -0.98
+    assert rewards.relative_position(obj(0, 0, 10, 10), obj(100, 0, 110, 10)) == {"left of"}
+    assert rewards.relative_position(obj(100, 0, 110, 10), obj(0, 0, 10, 10)) == {"right of"}
+
+
+def test_margin():
+    a = obj(0, 0, 100, 100)  # margin 0.1 x (100 + 100) = 20 in x
+    assert rewards.relative_position(a, obj(15, 0, 115, 100)) == set()  # offset -15 shrinks to 0
+    assert rewards.relative_position(a, obj(39, 0, 139, 100)) == set()  # -19 / 39 = -0.487: not past -0.5
+    assert rewards.relative_position(a, obj(41, 0, 141, 100)) == {"left of"}  # -21 / 41 = -0.512
+    assert rewards.relative_position(a, obj(15, 0, 115, 100), margin=0) == {"left of"}  # -15 / 15 = -1
+
+
+def test_diagonal_gives_two_relations_and_y_grows_down():
+    # offset (-100, -100), shrunk (-98, -98), over norm 141.4: -0.69 on both axes
+    assert rewards.relative_position(obj(0, 0, 10, 10), obj(100, 100, 110, 110)) == {"left of", "above"}
+    assert rewards.relative_position(obj(0, 0, 10, 10), obj(0, 100, 10, 110)) == {"above"}  # smaller y: above
+    assert rewards.relative_position(obj(0, 100, 10, 110), obj(0, 0, 10, 10)) == {"below"}
+    # mostly right, a little lower: dy = (20 - 2) / 100.5 = 0.18 < 0.5, dx = 0.96
+    assert rewards.relative_position(obj(100, 20, 110, 30), obj(0, 0, 10, 10)) == {"right of"}
+
+
+# ----------------------------------------------------------------------------------------------- judges, tag by tag
+def both(objects, metadata, colors=fake_colors):
+    """(Flow-GRPO's strict flag, its partial score, GenEval's official verdict)."""
+    return (*rewards.judge(objects, metadata, colors), rewards.judge_geneval(objects, metadata, colors))
+
+
+def test_single_object():
+    meta = {"tag": "single_object", "include": [{"class": "bowl", "count": 1}]}
+    bowl = obj(0, 0, 9, 9)
+    assert both({"bowl": [bowl]}, meta) == (True, 1.0, True)
+    assert both({}, meta) == (False, 0.0, False)  # 1 - |1 - 0| / 1 = 0
+    assert both({"bowl": [bowl] * 2}, meta) == (False, 0.0, True)  # exact count vs ">= 1"
+    assert both({"bowl": [bowl] * 3}, meta) == (False, -1.0, True)  # 1 - |1 - 3| / 1 = -1: a negative term
+
+
+def test_two_object():
+    meta = {"tag": "two_object", "include": [{"class": "bowl", "count": 1}, {"class": "skis", "count": 1}]}
+    assert both({"bowl": [obj(0, 0, 9, 9)], "skis": [obj(50, 0, 59, 9)]}, meta) == (True, 1.0, True)
+    assert both({"bowl": [obj(0, 0, 9, 9)]}, meta) == (False, 0.5, False)  # terms 1 and 0
+
+
+def test_counting():
+    meta = {"tag": "counting", "include": [{"class": "wine glass", "count": 2}],
+            "exclude": [{"class": "wine glass", "count": 3}]}
+    glasses = [obj(10 * i, 0, 10 * i + 9, 9) for i in range(9)]
+    assert both({"wine glass": glasses[:2]}, meta) == (True, 1.0, True)
+    # N + 1: official fails by the exclude clause (3 >= 3), Flow-GRPO by the count: 1 - |2 - 3| / 2 = 0.5
+    assert both({"wine glass": glasses[:3]}, meta) == (False, 0.5, False)
+    assert rewards.judge_geneval({"wine glass": glasses[:3]}, {**meta, "exclude": []}, fake_colors)  # it is the exclude
+    assert both({"wine glass": glasses[:1]}, meta) == (False, 0.5, False)  # 1 - |2 - 1| / 2
+    assert both({"wine glass": glasses[:5]}, meta) == (False, -0.5, False)  # 1 - |2 - 5| / 2 = -0.5
+    four = {"tag": "counting", "include": [{"class": "wine glass", "count": 4}]}
+    assert rewards.judge({"wine glass": glasses}, four, never_called) == (False, -0.25)  # 1 - |4 - 9| / 4
+
+
+def test_colors():
+    meta = {"tag": "colors", "include": [{"class": "cup", "count": 1, "color": "purple"}]}
+    assert both({"cup": [obj(0, 0, 9, 9, mask="purple")]}, meta) == (True, 1.0, True)  # terms 1, 1
+    assert both({"cup": [obj(0, 0, 9, 9, mask="red")]}, meta) == (False, 0.5, False)  # terms 1, 1 - |1 - 0| / 1
+    assert both({}, meta, never_called) == (False, 0.0, False)  # terms 0, 0.0
+    two = {"cup": [obj(0, 0, 9, 9, 0.9, "purple"), obj(20, 0, 29, 9, 0.8, "red")]}
+    assert rewards.judge(two, meta, never_called) == (False, 0.0)  # count 2 != 1: terms 0, 0.0, no colour check
+    assert rewards.judge_geneval(two, meta, fake_colors)  # official: only the most confident cup, purple
+    assert not rewards.judge_geneval({"cup": two["cup"][::-1]}, meta, fake_colors)  # ... here red
+
+
+def test_position():
+    meta = {"tag": "position", "include": [{"class": "laptop", "count": 1},
+                                           {"class": "cow", "count": 1, "position": ["right of", 0]}]}
+    laptop, right, left = obj(0, 0, 10, 10), obj(100, 0, 110, 10), obj(-100, 0, -90, 10)
+    assert both({"laptop": [laptop], "cow": [right]}, meta) == (True, 1.0, True)  # terms 1, 1, 1.0
+    # wrong side: terms 1, 1, 0.0 and (the quirk) 1.0 -> 3 / 4
+    assert both({"laptop": [laptop], "cow": [left]}, meta) == (False, 0.75, False)
+    # missing target: laptop term 0, cow term 1, "no target" 0.0 -> 1 / 3
+    assert both({"cow": [right]}, meta) == (False, pytest.approx(1 / 3), False)
+    assert both({"laptop": [laptop]}, meta) == (False, pytest.approx(1 / 3), False)  # cow: 0, then 0.0
+    # two cows on the right: exact count fails (terms 1, 0, 0.0); official checks the top cow only
+    assert both({"laptop": [laptop], "cow": [right, right]}, meta) == (False, pytest.approx(1 / 3), True)
+
+
+def test_color_attr():
+    meta = {"tag": "color_attr", "include": [{"class": "handbag", "count": 1, "color": "pink"},
+                                             {"class": "scissors", "count": 1, "color": "black"}]}
+    handbag = obj(0, 0, 9, 9, mask="pink")
+    assert both({"handbag": [handbag], "scissors": [obj(20, 0, 29, 9, mask="black")]}, meta) == (True, 1.0, True)
+    # terms 1, 1, 1, 0 -> 0.75
+    assert both({"handbag": [handbag], "scissors": [obj(20, 0, 29, 9, mask="white")]}, meta) == (False, 0.75, False)
+    assert both({"handbag": [handbag]}, meta) == (False, 0.5, False)  # terms 1, 1, 0, 0.0
+
+
+def test_flow_grpo_ignores_exclude_and_scores_nothing_as_zero():
+    meta = {"tag": "single_object", "include": [{"class": "bowl", "count": 1}],
+            "exclude": [{"class": "cup", "count": 1}]}
+    assert both({"bowl": [obj(0, 0, 9, 9)], "cup": [obj(20, 0, 29, 9)]}, meta) == (True, 1.0, False)
+    assert rewards.judge({}, {"tag": "single_object", "include": []}, never_called) == (True, 0.0)
+
+
+# ------------------------------------------------------------------------------------- the reward on tiny models
+def tiny_detector(labels, num_queries=1, confident=None):
+    """A random Mask2Former (tiny Swin backbone) and its processor; `confident` names a label whose class logit is
+    pushed up so that every query finds it."""
+    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor,
+                              SwinConfig)
+    torch.manual_seed(0)
+    backbone = SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=2, image_size=64,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32,
+                               encoder_layers=1, decoder_layers=2, num_attention_heads=2, dim_feedforward=32,
+                               encoder_feedforward_dim=32, num_queries=num_queries, id2label=dict(enumerate(labels)),
+                               label2id={name: i for i, name in enumerate(labels)})
+    model = Mask2FormerForUniversalSegmentation(config).eval()
+    if confident is not None:
+        with torch.no_grad():
+            model.class_predictor.bias[labels.index(confident)] = 50.0
+    return model, Mask2FormerImageProcessor(size={"height": 64, "width": 64})
+
+
+def tiny_clip():
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(HERE, "tiny_sd3", "tokenizer"))
@@ -1205,24 +1655,207 @@ def test_pickscore_wrapper_and_weighted_sum_on_a_tiny_random_clip(monkeypatch):
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
         projection_dim=16)).eval()
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}), tokenizer=tokenizer)
-    monkeypatch.setitem(op_grpo.PICKSCORE, "model", model)
-    monkeypatch.setitem(op_grpo.PICKSCORE, "processor", processor)
-    prompts = ["a red circle", "two blue squares", "a green triangle"]
-    images = [toy_world.render(toy_world.SPEC_BY_PROMPT[p], random.Random(i)) for i, p in enumerate(prompts)]
-    rewards = op_grpo.pickscore_reward(images, prompts)
-    # independently: normalised projected embeddings, their cosine times exp(logit_scale), over 26
-    with torch.no_grad():
-        pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        tokens = tokenizer(prompts, padding=True, return_tensors="pt")
-        image_emb = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
-        text_emb = model.text_projection(model.text_model(**tokens).pooler_output)
-        cosine = torch.nn.functional.cosine_similarity(image_emb, text_emb)
-    torch.testing.assert_close(rewards, model.logit_scale.exp() * cosine / 26, atol=1e-5, rtol=1e-5)
-    combined = op_grpo.weighted_reward(op_grpo.parse_reward("pickscore=1.0,jpeg=0.1"))(images, prompts)
-    torch.testing.assert_close(combined, rewards + 0.1 * op_grpo.jpeg_reward(images, prompts))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+METADATA = {m["prompt"]: m for m in [
+    {"tag": "single_object", "include": [{"class": "car", "count": 1}], "prompt": "a photo of a car"},
+    {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"},
+    {"tag": "counting", "include": [{"class": "car", "count": 2}], "exclude": [{"class": "car", "count": 3}],
+     "prompt": "a photo of two cars"},
+    {"tag": "position", "include": [{"class": "person", "count": 1},
+                                    {"class": "car", "count": 1, "position": ["right of", 0]}],
+     "prompt": "a photo of a car right of a person"},
+]}
+
+
+@pytest.fixture
+def use_models():
+    """Returns install(detector, clip): puts the tiny models and METADATA into GENEVAL; restores it afterwards."""
+    saved = dict(rewards.GENEVAL)
+
+    def install(detector, clip):
+        rewards.GENEVAL.clear()
+        rewards.GENEVAL.update(detector=detector[0], detector_processor=detector[1], clip=clip[0], clip_processor=clip[1],
+                          metadata=METADATA)
+    yield install
+    rewards.GENEVAL.clear()
+    rewards.GENEVAL.update(saved)
+
+
+def noise_images(n, size=(48, 40)):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_reward_shapes_and_ranges_on_random_models(use_models):
+    use_models(tiny_detector(["person", "bicycle", "car"], num_queries=3), tiny_clip())
+    images, prompts = noise_images(4), list(METADATA)
+    scores, strict = rewards.geneval_scores(images, prompts)
+    assert scores.shape == strict.shape == (4,) and scores.dtype == strict.dtype == torch.float32
+    assert torch.isfinite(scores).all() and (scores <= 1).all() and set(strict.tolist()) <= {0.0, 1.0}
+    assert torch.equal(rewards.geneval_reward(images, prompts), scores)
+    assert torch.equal(rewards.geneval_strict_reward(images, prompts), strict)
+
+
+def test_detect_and_reward_with_a_confident_detector(use_models):
+    use_models(tiny_detector(["person", "car", "remote"], confident="car"), tiny_clip())
+    images = noise_images(2)
+    for found in rewards.detect(images):
+        [(box, mask)] = found["car"]
+        assert mask.dtype == bool and mask.shape == (40, 48) and 0.3 < box[4] <= 1
+        ys, xs = np.nonzero(mask)  # the box is the mask's extent, right and bottom one past the last pixel
+        assert box[:4].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    assert rewards.geneval_scores(images, ["a photo of a car"] * 2)[0].tolist() == [1.0, 1.0]
+    scores, strict = rewards.geneval_scores(images, ["a photo of a red car"] * 2)  # through the tiny CLIP's colours
+    assert set(scores.tolist()) <= {0.5, 1.0} and strict.tolist() == [float(s == 1.0) for s in scores.tolist()]
+    use_models(tiny_detector(["person", "car", "remote"], confident="remote"), tiny_clip())
+    assert list(rewards.detect(images[:1])[0]) == ["tv remote"]  # GenEval's name for COCO's "remote"
+
+
+def test_load_geneval_loads_the_named_checkpoints_through_fetch(use_models, monkeypatch):
+    import transformers
+    detector, clip = tiny_detector(["person", "bicycle", "car"]), tiny_clip()
+    made = {"Mask2FormerImageProcessor": detector[1], "Mask2FormerForUniversalSegmentation": detector[0].train(),
+            "CLIPProcessor": clip[1], "CLIPModel": clip[0].train()}
+    loads, wrapped = [], []
+    for name, made_object in made.items():
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", lambda path, made_object=made_object,
+                            name=name, **kwargs: loads.append((name, path, kwargs)) or made_object)
+    rewards.load_geneval("cpu", torch.float32, METADATA, fetch=lambda name, load: wrapped.append(name) or load())
+    assert sorted(loads) == sorted([("Mask2FormerImageProcessor", rewards.DETECTOR, {}),
+                                    ("Mask2FormerForUniversalSegmentation", rewards.DETECTOR, {"dtype": torch.float32}),
+                                    ("CLIPProcessor", rewards.CLIP, {}), ("CLIPModel", rewards.CLIP, {"dtype": torch.float32})])
+    assert sorted(wrapped) == sorted([rewards.DETECTOR, rewards.DETECTOR, rewards.CLIP, rewards.CLIP])  # every load went through it
+    assert rewards.GENEVAL["metadata"] is METADATA and rewards.GENEVAL["detector_processor"] is detector[1]
+    for model in (rewards.GENEVAL["detector"], rewards.GENEVAL["clip"]):
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_color_text_embeddings_ensemble_the_three_templates(use_models):
+    use_models((None, None), tiny_clip())
+    model, processor = rewards.GENEVAL["clip"], rewards.GENEVAL["clip_processor"]
+    with torch.no_grad():  # independently, one text at a time: unit template embeddings, averaged, renormalised
+        def unit(text):
+            tokens = processor.tokenizer([text], truncation=True, return_tensors="pt")
+            return torch.nn.functional.normalize(model.get_text_features(**tokens).pooler_output[0], dim=0)
+        expected = torch.stack([torch.stack([unit(t.format(color=c, cls="wine glass")) for t in rewards.COLOR_TEMPLATES])
+                                .mean(0) for c in rewards.COLORS])
+    expected = expected / expected.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(rewards._color_embeddings("wine glass"), expected, atol=1e-5, rtol=1e-5)
+    assert rewards.COLOR_TEMPLATES[1].format(color="red", cls="wine glass") == "a photo of a red-colored wine glass"
+
+
+def test_missing_metadata_names_the_prompt(use_models):
+    use_models(tiny_detector(["person", "bicycle", "car"]), tiny_clip())
+    with pytest.raises(KeyError, match="a photo of a unicorn"):
+        rewards.geneval_scores(noise_images(2), ["a photo of a car", "a photo of a unicorn"])
+
+
+def test_plumbing_with_fixed_detections(use_models, monkeypatch):
+    use_models(tiny_detector(["person", "bicycle", "car"]), tiny_clip())
+    fixed = [
+        # position, car left of the person (wrong side); the 0.2 bicycle is filtered out: terms 1, 1, 0.0, 1.0
+        {"person": [obj(30, 0, 40, 10)], "car": [obj(0, 0, 10, 10)], "bicycle": [obj(0, 0, 5, 5, 0.2)]},
+        # counting keeps scores above 0.9 only: 2 of the 3 cars, the exact count
+        {"car": [obj(0, 0, 9, 9, 0.95), obj(20, 0, 29, 9, 0.92), obj(30, 0, 39, 9, 0.5)]},
+        # colours: one car, classified red by the patched classifier
+        {"car": [obj(0, 0, 9, 9, 0.5)]},
+    ]
+    seen = []
+    monkeypatch.setattr(rewards, "detect", lambda images: fixed[:len(images)])
+    monkeypatch.setattr(rewards, "classify_colors", lambda image, objects, name: seen.append(image.size) or ["red"])
+    images = noise_images(2) + noise_images(1, size=(30, 20))  # the colour check must get the third image
+    scores, strict = rewards.geneval_scores(images, ["a photo of a car right of a person", "a photo of two cars",
+                                                "a photo of a red car"])
+    assert scores.tolist() == [0.75, 1.0, 1.0] and strict.tolist() == [0.0, 1.0, 1.0] and seen == [(30, 20)]
+
+
+# -------------------------------------------------------------------------------------------------- colour crops
+class StubProcessor:
+    """Text -> the index of its colour word; image -> its mean RGB minus the #999 grey (so the grey canvas adds
+    nothing); records the crop sizes."""
+    def __init__(self):
+        self.sizes = []
+
+    def __call__(self, text=None, images=None, **kwargs):
+        from transformers import BatchEncoding
+        if text is not None:
+            words = [t.removeprefix("a photo of a ").split(" ")[0].split("-")[0] for t in text]
+            return BatchEncoding({"input_ids": torch.tensor([rewards.COLORS.index(w) for w in words])})
+        self.sizes += [image.size for image in images]
+        return {"pixel_values": torch.tensor(np.stack([np.asarray(i, float).mean((0, 1)) - 153 for i in images]))}
+
+
+class StubClip:
+    """CLIP that embeds a colour name as its RGB and an image as what StubProcessor made of it, both minus grey."""
+    device, dtype = torch.device("cpu"), torch.float32
+    RGB = torch.tensor([[255, 0, 0], [255, 165, 0], [255, 255, 0], [0, 255, 0], [0, 0, 255], [128, 0, 128],
+                        [255, 192, 203], [139, 69, 19], [0, 0, 0], [255, 255, 255]], dtype=torch.float32) - 153
+
+    def get_text_features(self, input_ids, **kwargs):
+        return type("Out", (), {"pooler_output": self.RGB[input_ids]})
+
+    def get_image_features(self, pixel_values):
+        return type("Out", (), {"pooler_output": pixel_values})
+
+
+def red_ring_on_blue():
+    """A 60 x 50 blue image with a red ring (box [10, 5, 30, 25)) and a green square; masks of both."""
+    image = Image.new("RGB", (60, 50), (0, 0, 255))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([10, 5, 29, 24], outline=(255, 0, 0), width=2)
+    draw.rectangle([40, 30, 49, 39], fill=(0, 255, 0))
+    pixels = np.asarray(image)
+    return image, (pixels == [255, 0, 0]).all(-1), (pixels == [0, 255, 0]).all(-1)
+
+
+def test_color_crops_composite_the_mask_over_grey_and_cut_the_box():
+    image, ring, _ = red_ring_on_blue()
+    [crop] = rewards.color_crops(image, [obj(10, 5, 30, 25, mask=ring)])
+    pixels = np.asarray(crop)
+    assert crop.size == (20, 20)
+    assert (pixels[0, 0] == [255, 0, 0]).all() and (pixels[10, 10] == [153, 153, 153]).all()  # ring; inside: grey
+    assert not (pixels == [0, 0, 255]).all(-1).any()  # no blue left
+
+
+def test_color_classification_uses_mask_and_box(use_models):
+    image, ring, square = red_ring_on_blue()
+    use_models((None, None), (StubClip(), StubProcessor()))
+    objects = [(rewards._mask_box(ring, 0.9), ring), (rewards._mask_box(square, 0.9), square)]
+    assert rewards.classify_colors(image, objects, "car") == ["red", "green"]
+    assert rewards.GENEVAL["clip_processor"].sizes == [(20, 20), (10, 10)]
+    assert rewards.classify_colors(image, [(objects[0][0], None)], "car") != ["red"]  # unmasked, the blue wins over
+
+
+# ---------------------------------------------------------------------------------------------- metadata reader
+def test_read_geneval_metadata(tmp_path):
+    lines = [{"tag": "counting", "include": [{"class": "wine glass", "count": 2}],
+              "exclude": [{"class": "wine glass", "count": 3}], "prompt": "a photo of two wine glasses"},
+             {"tag": "single_object", "include": [{"class": "bowl", "count": 1}], "prompt": "a photo of a bowl"}]
+    path = tmp_path / "train_metadata.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    assert rewards.read_geneval_metadata(path) == {line["prompt"]: line for line in lines}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"tag": "counting", "include": [', "line 2: not JSON"),
+    ('{"tag": "counting", "include": []}', "line 2: needs the fields prompt, tag and include"),
+    ('{"prompt": "p", "include": []}', "line 2: needs the fields"),
+    ('{"prompt": "p", "tag": "counting"}', "line 2: needs the fields"),
+    ('["a list"]', "line 2: needs the fields"),
+    ('{"prompt": "p", "tag": "shapes", "include": []}', "line 2: unknown tag 'shapes'"),
+    ('{"prompt": "a photo of a bowl", "tag": "colors", "include": []}', "line 2: prompt 'a photo of a bowl' appears"),
+])
+def test_read_geneval_metadata_errors_name_file_and_line(tmp_path, bad, message):
+    path = tmp_path / "meta.jsonl"
+    path.write_text('{"tag": "single_object", "include": [], "prompt": "a photo of a bowl"}\n' + bad + "\n")
+    with pytest.raises(ValueError, match=f"meta.jsonl, {message}"):
+        rewards.read_geneval_metadata(path)
 
 
 def test_a_model_that_cannot_be_fetched_gives_one_line_saying_what_to_do(tmp_path):
@@ -1235,6 +1868,31 @@ def test_a_model_that_cannot_be_fetched_gives_one_line_saying_what_to_do(tmp_pat
     assert "the Hub cannot be reached from this machine and the model is not in the local cache" in message[0]
     assert "hf auth login" in message[0] and "--pretrained" in message[0] and "stacktrace" not in message[0]
     assert not (tmp_path / "run").exists()  # a start that failed leaves no output folder behind
+
+
+GENEVAL_LINE = {"tag": "two_object", "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1}],
+                "prompt": "a photo of a cat and a dog"}
+
+
+@pytest.mark.parametrize("flags, model", [(["--model", "sd3", "--task", "ocr"], "stabilityai/stable-diffusion-3.5-medium"),
+                                          (["--model", "sd3", "--task", "geneval-fast", "--prompt-file", "meta.jsonl"],
+                                           "stabilityai/stable-diffusion-3.5-medium"),
+                                          (["--model", "wan"], "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")])
+def test_the_papers_tasks_start_until_the_hub_and_stop_there_in_one_line(tmp_path, flags, model):
+    (tmp_path / "meta.jsonl").write_text(json.dumps(GENEVAL_LINE) + "\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_cache")}
+    result = subprocess.run([sys.executable, os.path.join(HERE, "op_grpo.py"), *flags], capture_output=True,
+                            text=True, timeout=300, env=env)
+    message = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(message) == 1, result.stderr  # every check passed; the model is out of reach
+    assert message[0].startswith(f"op_grpo.py: error: cannot load {model}")
+    # the reward models of GenEval and PickScore are fetched the same way, and fail the same way
+    code = ("import sys, torch, rewards, plumbing\ntry:\n    rewards.load({'geneval', 'pickscore'}, torch.device('cpu'), "
+            "torch.float32, 'meta.jsonl')\nexcept plumbing.UsageError as error:\n    sys.exit(str(error))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**env, "PYTHONPATH": HERE}, cwd=tmp_path)
+    assert result.returncode != 0 and result.stderr.startswith("cannot load "), result.stderr
+    assert "--pretrained" not in result.stderr  # a reward model has no flag to point elsewhere: HF_HOME does
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1718,12 +2376,11 @@ def test_an_image_reward_scores_a_video_by_its_mean_over_every_nth_frame(monkeyp
         return torch.tensor([float(image.getpixel((0, 0))[0]) for image in images])
 
     videos = [[Image.new("RGB", (4, 4), (10 * f + 100 * v, 0, 0)) for f in range(9)] for v in range(2)]
-    monkeypatch.setitem(op_grpo.REWARDS, "brightness", brightness)
-    reward = op_grpo.weighted_reward({"brightness": 2.0}, every=4)  # frames 0, 4, 8: red 0, 40, 80 (+100 v)
+    table = {"brightness": brightness, "frames": lambda videos, prompts: torch.tensor([len(v) for v in videos])}
+    reward = op_grpo.weighted_reward({"brightness": 2.0}, table, every=4)  # frames 0, 4, 8: red 0, 40, 80 (+100 v)
     torch.testing.assert_close(reward(videos, ["p", "q"]), 2.0 * torch.tensor([40.0, 140.0]))
-    monkeypatch.setitem(op_grpo.REWARDS, "frames", lambda videos, prompts: torch.tensor([len(v) for v in videos]))
     monkeypatch.setattr(op_grpo, "VIDEO_REWARDS", {"frames"})  # a reward of whole videos gets every frame
-    assert op_grpo.weighted_reward({"frames": 1.0}, every=4)(videos, ["p", "q"]).tolist() == [9.0, 9.0]
+    assert op_grpo.weighted_reward({"frames": 1.0}, table, every=4)(videos, ["p", "q"]).tolist() == [9.0, 9.0]
 
 
 def test_wan_sampler_is_the_stock_pipeline_with_its_flow_shift_as_an_euler_schedule(tiny_wan, tmp_path):
@@ -1944,8 +2601,8 @@ def test_tiny_video_runs_the_whole_job_on_the_toy_video_world_with_replay(reduce
     assert set(sets["held_out"]) <= {toy_video.describe(s) for s in toy_video.split_specs()[1]}
     assert (tmp_path / "before_after.png").exists() and (tmp_path / "transformer" / "config.json").exists()
     assert all(0 <= r["reward_mean"] <= 1 for r in rows)  # the dense motion reward
-    with pytest.raises(plumbing.UsageError, match="--reward geneval scores the toy world's prompts: use it with "
-                                                  "--model tiny "):
+    with pytest.raises(plumbing.UsageError, match="--reward geneval scores the toy world of --model tiny: use it "
+                                                  "there, without --prompt-file"):
         check_args(dataclasses.replace(args, reward="geneval", output_dir=str(tmp_path / "other")))
     monkeypatch.setitem(op_grpo.PRESETS["tiny-video"], "pretrained", str(tmp_path / "missing"))
     with pytest.raises(plumbing.UsageError, match="build it with `python toy_video.py`"):
