@@ -6,6 +6,7 @@
   python benchmark.py --study                            # where replay pays: the pre-registered study (RESULTS.md)
   python benchmark.py --study --quick                    # its smoke run
   python benchmark.py --windows                          # SDE windows: learning per minute (RESULTS.md), ~70 min
+  python benchmark.py --demo                             # the default run as a demo: 4 + 3 runs, ~1 h
   python benchmark.py --side-by-side                     # windows in both arms, 600 iterations: 15 runs, ~2.2 h
   python benchmark.py --video --eval-per-family 64        # the toy video world (--model tiny-video): 6 runs
 
@@ -17,6 +18,7 @@ log p_old - log p_off of replayed trajectories, the time per iteration by stage,
 per investigated setting.
 """
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -25,6 +27,7 @@ import os
 import platform
 import statistics
 import subprocess
+import time
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -82,6 +85,8 @@ class BenchArgs:
     """run the study of where replay pays instead (STUDY_REGIMES: 0/1 reward, many flat groups); writes study_*"""
     windows: bool = False
     """run the SDE-window sweep and the default candidate's seeds instead (WINDOW_SWEEP); writes window_*"""
+    demo: bool = False
+    """run the sweep for the default run as a demo instead (DEMO_SWEEP, then 3 seeds of the best); writes demo_*"""
     side_by_side: bool = False
     """run the windows' side-by-side and longer horizon instead (SIDE_BY_SIDE, 3 seeds); writes side_by_side_*"""
     video: bool = False
@@ -111,8 +116,11 @@ def run_one(name: str, seed: int, flags: list[str], args: BenchArgs) -> str:
                "--iterations", str(args.iterations), "--eval-every", str(args.eval_every),
                "--eval-per-family", str(args.eval_per_family), "--threads", "1", "--checkpoint-every", "0", *flags]
     os.makedirs(folder, exist_ok=True)
+    clock = time.perf_counter()
     with open(os.path.join(folder, "log.txt"), "w") as log:
         subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
+    with open(os.path.join(folder, "process_seconds.txt"), "w") as f:  # the whole process: loading and evaluations
+        f.write(f"{time.perf_counter() - clock:.1f}\n")
     print(f"  done: {name} seed {seed}", flush=True)
     return folder
 
@@ -676,6 +684,8 @@ def window_summary(folders: dict) -> dict:
     for (name, seed), folder in folders.items():
         rows = load_rows(folder)
         c, wall = curve(rows), sum(v for r in rows for k, v in r.items() if k.startswith("time/"))
+        with contextlib.suppress(OSError), open(os.path.join(folder, "process_seconds.txt")) as f:
+            c["process_seconds"] = float(f.read())  # absent for a run restored from the archive
         runs[f"{name}_seed{seed}"] = {"name": name, "seed": seed, **c, "wall_seconds": wall,
                                       "train_seconds_per_iteration": c["train_seconds"][-1] / len(rows),
                                       "change_per_minute": c["final_change"] / (wall / 60)}
@@ -703,19 +713,39 @@ def requirement_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run_windows(args: BenchArgs) -> dict:
-    """Phase 1 (WINDOW_SWEEP, seed 0, args.parallel at a time), then phase 2 (the best variant, WINDOW_SEEDS, one at
-    a time with two threads). -> {"phase1": runs, "chosen": name, "phase2": runs}"""
+def run_windows(args: BenchArgs, sweep: dict = WINDOW_SWEEP, seeds=WINDOW_SEEDS, **job) -> dict:
+    """Phase 1 (the sweep, seed 0, args.parallel at a time), then phase 2 (the best variant, `seeds`, one at a time
+    with two threads); job: window_job's evaluations, prefix, archive. -> {"phase1", "chosen", "phase2"}"""
     with ThreadPoolExecutor(args.parallel) as pool:
-        done = list(pool.map(lambda name: window_job(name, 0, *WINDOW_SWEEP[name], args), WINDOW_SWEEP))
-    phase1 = window_summary({(name, 0): folder for name, folder in zip(WINDOW_SWEEP, done) if folder})
-    if len(phase1) < len(WINDOW_SWEEP):
+        done = list(pool.map(lambda name: window_job(name, 0, *sweep[name], args, **job), sweep))
+    phase1 = window_summary({(name, 0): folder for name, folder in zip(sweep, done) if folder})
+    if len(phase1) < len(sweep):
         return {"phase1": phase1, "chosen": None, "phase2": {}}
-    chosen = max(WINDOW_SWEEP, key=lambda name: phase1[f"{name}_seed0"]["final_change"])
-    print(f"phase 2: {chosen}, seeds {WINDOW_SEEDS}, two threads, one at a time", flush=True)
-    folders = {(f"default_{chosen}", s): window_job(f"default_{chosen}", s, *WINDOW_SWEEP[chosen], args, threads=2)
-               for s in WINDOW_SEEDS}
+    chosen = max(sweep, key=lambda name: phase1[f"{name}_seed0"]["final_change"])
+    print(f"phase 2: {chosen}, seeds {seeds}, two threads, one at a time", flush=True)
+    folders = {(f"default_{chosen}", s): window_job(f"default_{chosen}", s, *sweep[chosen], args, threads=2, **job)
+               for s in seeds}
     return {"phase1": phase1, "chosen": chosen, "phase2": window_summary({k: f for k, f in folders.items() if f})}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The default run as a demo (RESULTS.md, "The default run as a demo", written before the runs): the window study's
+# candidate and three variants of it, 750 iterations and 3 evaluations after the start (every 250), seed 0, one
+# thread each, two at a time; phase 2: the largest final change on seeds 0-2, two threads alone, timed whole.
+# ---------------------------------------------------------------------------------------------------------
+DEMO_ARCHIVE = os.path.join(HERE, "assets", "demo_runs")
+NO_KL = ["--kl-beta", "0"]
+DEMO_SWEEP = {
+    "w2_lr3e-5_kl": (["--sde-window", "2", "--learning-rate", "3e-5"], 750),  # the window study's candidate
+    "w2_lr3e-5": (["--sde-window", "2", "--learning-rate", "3e-5", *NO_KL], 750),  # no reference pass
+    "w3_lr3e-5": (["--sde-window", "3", "--learning-rate", "3e-5", *NO_KL], 750),
+    "w2_lr5e-5": (["--sde-window", "2", "--learning-rate", "5e-5", *NO_KL], 750),
+}
+
+
+def run_demo(args: BenchArgs) -> dict:
+    summary = run_windows(args, DEMO_SWEEP, WINDOW_SEEDS, evaluations=3, prefix="demo", archive=DEMO_ARCHIVE)
+    return summary | {"plot": "demo_curves.png"}
 
 
 def plot_windows(summary: dict, assets_dir: str) -> None:
@@ -739,7 +769,7 @@ def plot_windows(summary: dict, assets_dir: str) -> None:
         ax.legend(fontsize=7)
     axes[0].set_ylabel("strict accuracy change since iteration 0")
     figure.tight_layout()
-    figure.savefig(os.path.join(assets_dir, "window_curves.png"), dpi=110)
+    figure.savefig(os.path.join(assets_dir, summary.get("plot", "window_curves.png")), dpi=110)
 
 
 def report_windows(summary: dict) -> None:
@@ -747,7 +777,8 @@ def report_windows(summary: dict) -> None:
         for key, r in summary[phase].items():
             print(f"{phase} {key:34s} change {r['final_change']:+.3f} +- {r['final_change_se']:.3f}  "
                   f"{r['iterations'][-1]:4d} its  {r['train_seconds_per_iteration']:.2f} s/it training  "
-                  f"{r['wall_seconds'] / 60:5.1f} min in all  {r['change_per_minute']:+.4f} per minute")
+                  f"{r['wall_seconds'] / 60:5.1f} min in all  {r['change_per_minute']:+.4f} per minute"
+                  + (f"  process {r['process_seconds']:.0f} s" if "process_seconds" in r else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -944,12 +975,14 @@ def report_side_by_side(summary: dict) -> None:
 def window_studies(args: BenchArgs) -> dict:
     """--windows or --side-by-side: run (or restore) the runs, then write <name>_results.json and the plot, and print
     the summary; --quick makes every run 4 iterations long and writes under <output-dir>_quick."""
-    name = "video_side_by_side" if args.video else "side_by_side" if args.side_by_side else "windows"
+    name = ("video_side_by_side" if args.video else "side_by_side" if args.side_by_side else "demo" if args.demo
+            else "windows")
     run, plot, report, results = {"side_by_side": (run_side_by_side, plot_side_by_side, report_side_by_side,
                                                    "side_by_side_results.json"),
                                   "video_side_by_side": (run_side_by_side, plot_video, report_side_by_side,
                                                          "video_side_by_side_results.json"),
-                                  "windows": (run_windows, plot_windows, report_windows, "window_results.json")}[name]
+                                  "windows": (run_windows, plot_windows, report_windows, "window_results.json"),
+                                  "demo": (run_demo, plot_windows, report_windows, "demo_results.json")}[name]
     args.output_dir = args.output_dir.replace("benchmark", name)
     if args.quick:
         args.iterations, args.eval_every, args.eval_per_family = 4, 2, 4
@@ -966,7 +999,7 @@ def window_studies(args: BenchArgs) -> dict:
 
 
 def main(args: BenchArgs) -> dict:
-    if args.side_by_side or args.windows or args.video:
+    if args.side_by_side or args.windows or args.video or args.demo:
         return window_studies(args)
     if args.study:
         args.output_dir = args.output_dir.replace("benchmark", "study")
