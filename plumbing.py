@@ -74,6 +74,10 @@ def check_settings(args, toy, builds: dict[str, str]) -> list[str]:
     elif args.sde_window and not wrong & {"num_steps", "sde_window"} and not fits:
         problems.append(f"--sde-window-range must hold the window of {args.sde_window} steps within [0, {K}], got "
                         f"{low} {high}")
+    elif args.sde_window and args.off_policy_fraction and high - args.sde_window >= K - args.truncate_steps:
+        problems.append(f"--sde-window-range {low} {high} lets a window start in the last --truncate-steps "
+                        f"{args.truncate_steps} steps, which replay drops, so a replayed trajectory could keep no step: "
+                        f"end the range below {K - args.truncate_steps + args.sde_window}")
     if args.sde_type == "cps" and not 0 < args.noise_level <= 1:
         problems.append(f"--noise-level must be in (0, 1] with --sde-type cps (its noise is sigma_next sin(a pi / 2)), "
                         f"got {args.noise_level}")
@@ -170,6 +174,8 @@ def image_sides(pretrained: str) -> tuple[int, float, str]:
 CHECKPOINT = "checkpoint.pt"  # in --output-dir: everything needed to continue the run exactly (see RunState)
 # the weights and the stored trajectories need these unchanged on resume
 STRUCTURAL_FLAGS = ("model", "num_steps", "lora_rank", "resolution", "width", "num_frames")
+# the stored trajectories' p_off was recorded under these (their values in args.json from before the flag existed)
+BEHAVIOUR_FLAGS = {"noise_level": None, "guidance_scale": None, "sde_type": "sde"}
 
 
 def same_folder(a: str, b: str) -> bool:
@@ -222,6 +228,10 @@ def resume_clash(args) -> str:
         if saved.get(f) != getattr(args, f):
             return (f"--{f.replace('_', '-')} {getattr(args, f)} differs from the resumed run's {saved.get(f)}: a run "
                     f"goes on with its own; start a new run (without --resume) to change it")
+    for f, before in BEHAVIOUR_FLAGS.items():  # only a run that replayed has a buffer to keep consistent
+        if saved.get("off_policy_fraction", 0) > 0 and saved.get(f, before) != getattr(args, f):
+            return (f"--{f.replace('_', '-')} {getattr(args, f)} differs from the resumed run's {saved.get(f, before)}"
+                    ", under which its replay buffer's p_off was recorded: resume with it, or start a new run")
     return ""
 
 
@@ -606,6 +616,8 @@ def iteration_metrics(args, fresh: dict, replayed: dict | None, batch: dict, sta
         quantiles = torch.quantile(w.log().double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
         row.update({"is_weight_mean": w.mean().item(), "is_weight_min": w.min().item(), "is_weight_max": w.max().item(),
                     **dict(zip(("log_is_weight_p10", "log_is_weight_p50", "log_is_weight_p90"), quantiles)),
+                    # with log-probs summed over the D latent dimensions (the paper's densities), not averaged: D log w
+                    "log_is_weight_summed_p50": quantiles[1] * batch["latents"][0, 0].numel(),
                     "replay_reward_mean": rep_rewards.mean().item(),
                     # the late-step "cliff" (paper Fig. 2): per-step mean and spread of log p_old - log p_off
                     **dict(zip(("log_ratio_old_behavior_per_step", "log_ratio_old_behavior_per_step_std"),
@@ -651,6 +663,7 @@ class Logger:
 
     def __init__(self, args, processes, history: list, start: int):
         self.main, self.tracker, self.eval, self.label = processes.main, None, None, "eval"
+        self.history, self.curve = history, os.path.join(args.output_dir, "curve.png")
         if args.wandb_project and self.main:
             import wandb
 
@@ -667,6 +680,8 @@ class Logger:
         self.file.flush()
         self.eval = row.get("eval_reward", self.eval)
         self.label = "strict" if "eval/held_out" in row else self.label  # a toy world's evaluation: strict accuracy
+        if "eval_reward" in row and self.main:
+            plot_curve(self.history, self.curve, "strict accuracy" if self.label == "strict" else "mean reward")
         self.bar.update(1)
         shown = (("reward", row.get("reward_mean")), (self.label, self.eval))
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown if v is not None})
@@ -686,6 +701,36 @@ class Logger:
         if self.tracker:
             self.tracker.log({"before_after": self.wandb.Image(grid_path)})
             self.tracker.finish()
+
+
+def curve_points(history: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The evaluations of a run's rows: (minutes of the run when each was made, eval_reward, eval_se); the minutes
+    add up every stage's logged seconds (time/...), so a resumed run's curve goes on where it stopped."""
+    minutes = np.cumsum([sum(v for k, v in row.items() if k.startswith("time/")) for row in history]) / 60
+    points = [(0.0 if row["iteration"] == 0 and "time/eval" not in row else minutes[i], row["eval_reward"],
+               row["eval_se"]) for i, row in enumerate(history) if "eval_reward" in row]
+    return tuple(np.array(column) for column in zip(*points)) if points else (np.zeros(0),) * 3
+
+
+def plot_curve(history: list[dict], path: str, label: str) -> None:
+    """curve.png: the evaluation (strict accuracy or mean reward) with a band of +-1 standard error, against the run's
+    minutes, redrawn at every evaluation so that the rise shows while it happens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    minutes, value, se = curve_points(history)
+    figure, ax = plt.subplots(figsize=(5, 3.2))
+    ax.fill_between(minutes, value - se, value + se, alpha=0.25, label="±1 standard error")
+    ax.plot(minutes, value, marker="o", label=label)
+    ax.set_xlabel("minutes (training and evaluation)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 STOP_REQUESTED: list[int] = []  # signal numbers received; main() checks after every iteration

@@ -557,6 +557,16 @@ def test_bad_flag_exits_with_one_line_and_no_traceback(tmp_path):
                                                                                "op_grpo.py: error: --kl-beta"]
 
 
+def test_curve_points_are_the_evaluations_against_the_runs_minutes():
+    rows = [{"iteration": 0, "eval_reward": 0.3, "eval_se": 0.02, "time/sampling": 30.0},  # the start, at minute 0
+            {"iteration": 1, "time/sampling": 30.0, "time/update": 60.0},
+            {"iteration": 2, "time/sampling": 54.0, "time/eval": 6.0, "eval_reward": 0.4, "eval_se": 0.03}]
+    minutes, value, se = plumbing.curve_points(rows)
+    np.testing.assert_allclose(minutes, [0.0, 3.0])  # 30 + 90 + 60 seconds, its own evaluation included
+    np.testing.assert_allclose(value, [0.3, 0.4])
+    np.testing.assert_allclose(se, [0.02, 0.03])
+
+
 def test_tests_run_outside_the_repository_and_default_folders_never_meet_an_earlier_run(tmp_path):
     assert os.path.realpath(os.getcwd()) == os.path.realpath(tmp_path) != os.path.realpath(HERE)
     assert op_grpo.with_presets(Args()).output_dir == os.path.join("runs", "tiny")  # each model its own folder
@@ -756,11 +766,13 @@ def test_end_to_end_with_replay_weights_and_truncation(tmp_path):
     for r in replayed:
         assert r["replayed_groups"] == 2 and r["clipfrac_off_policy"] is not None
         assert math.isfinite(r["is_weight_mean"]) and r["is_weight_min"] > 0
+        assert r["log_is_weight_summed_p50"] == pytest.approx(4 * 8 * 8 * r["log_is_weight_p50"])  # D = 4 x 8 x 8
         assert len(r["log_ratio_old_behavior_per_step"]) == 10  # every step, truncated ones included
         assert all(math.isfinite(x) for x in r["log_ratio_old_behavior_per_step"])
     for r in rows:
         assert all(math.isfinite(r[k]) for k in ("reward_mean", "loss", "approx_kl", "kl_to_reference"))
     assert (tmp_path / "before_after.png").exists() and (tmp_path / "transformer" / "config.json").exists()
+    assert Image.open(tmp_path / "curve.png").size[0] > 100  # the curve, redrawn at each evaluation
 
 
 def test_zero_off_policy_fraction_is_plain_on_policy_flow_grpo(tmp_path):
@@ -870,7 +882,8 @@ def test_sde_window_zero_reproduces_the_run_from_before_windows_existed(tmp_path
     rows = without_timings(op_grpo.main(short_run(tmp_path, "run", iterations=3)))
     with open(os.path.join(HERE, "assets", "reference_run_3_iterations.json")) as f:
         reference = json.load(f)
-    assert [sorted(r) for r in rows] == [sorted(r) for r in reference]
+    added = {"log_is_weight_summed_p50"}  # logged since the reference was made: D x log_is_weight_p50
+    assert [sorted(set(r) - added) for r in rows] == [sorted(r) for r in reference]
     for row, expected in zip(rows, reference):
         for key, value in expected.items():
             assert row[key] == (pytest.approx(value, rel=1e-4, abs=1e-6) if value is not None else None), key
@@ -1139,6 +1152,22 @@ def test_a_folder_with_a_run_but_no_checkpoint_is_not_replaced_silently(tmp_path
                                          r"--overwrite to replace it, or choose another --output-dir"):
         check_args(Args(output_dir=str(tmp_path)))
     check_args(Args(output_dir=str(tmp_path), overwrite=True))
+
+
+def test_replay_refuses_what_would_break_its_stored_log_probs_or_keep_no_step(tmp_path):
+    op_grpo.main(short_run(tmp_path, "replayed", iterations=1, off_policy_fraction=0.5))
+    for flag, value in (("--noise-level", "0.8"), ("--guidance-scale", "2.0"), ("--sde-type", "cps")):
+        with pytest.raises(plumbing.UsageError) as error:
+            check_args(op_grpo.parse_cli(["--resume", str(tmp_path / "replayed"), "--iterations", "2", flag, value]))
+        assert str(error.value).startswith(f"{flag} {value} differs from the resumed run's") and \
+            "under which its replay buffer's p_off was recorded" in str(error.value) and "\n" not in str(error.value)
+    op_grpo.main(short_run(tmp_path, "on_policy", iterations=1, off_policy_fraction=0.0))  # no buffer: free to change
+    check_args(op_grpo.parse_cli(["--resume", str(tmp_path / "on_policy"), "--iterations", "2", "--noise-level", "0.8"]))
+    with pytest.raises(plumbing.UsageError, match=r"^--sde-window-range 6 9 lets a window start in the last "
+                                                  r"--truncate-steps 3 steps.*end the range below 9$"):
+        check_args(Args(sde_window=2, sde_window_range=(6, 9)))
+    check_args(Args(sde_window=2, sde_window_range=(6, 8)))  # window [6, 8): step 6 is kept
+    check_args(Args(sde_window=2, sde_window_range=(6, 9), off_policy_fraction=0.0))  # nothing replayed
 
 
 def test_a_resume_with_changed_flags_says_them_and_keeps_what_each_start_ran_with(tmp_path, capsys):
