@@ -681,7 +681,8 @@ class Logger:
         self.eval = row.get("eval_reward", self.eval)
         self.label = "strict" if "eval/held_out" in row else self.label  # a toy world's evaluation: strict accuracy
         if "eval_reward" in row and self.main:
-            plot_curve(self.history, self.curve, "strict accuracy" if self.label == "strict" else "mean reward")
+            with unless_stopped_now():  # a second signal skips the picture, not the checkpoint
+                plot_curve(self.history, self.curve, "strict accuracy" if self.label == "strict" else "mean reward")
         self.bar.update(1)
         shown = (("reward", row.get("reward_mean")), (self.label, self.eval))
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown if v is not None})
