@@ -1987,6 +1987,37 @@ def test_window_study_sizes_its_runs_picks_the_largest_change_and_runs_it_on_thr
     assert run["wall_seconds"] == 450 * 1.5 + 3.0 and run["change_per_minute"] == pytest.approx(0.12 / (678 / 60))
 
 
+def test_demo_sweep_runs_750_iterations_with_3_evaluations_and_times_phase_2_whole(tmp_path, monkeypatch):
+    import benchmark
+
+    calls, change = [], {"w2_lr3e-5_kl": 0.19, "w2_lr3e-5": 0.10, "w3_lr3e-5": 0.18, "w2_lr5e-5": -0.05}
+
+    def fake_run_one(name, seed, flags, args):  # stands for op_grpo.py; phase 2 also leaves its process time
+        calls.append((name, seed, flags, args.iterations, args.eval_every))
+        folder = os.path.join(args.output_dir, f"{name}_seed{seed}")
+        os.makedirs(folder, exist_ok=True)
+        final = change[name.removeprefix("demo_").removeprefix("default_")]
+        rows = [{"iteration": i, "time/update": 0.5, **({"eval_reward": 0.4 + final, "eval_se": 0.01, "time/eval": 5.0,
+                 "eval_change": final, "eval_change_se": 0.02} if (i + 1) % args.eval_every == 0 else {})}
+                for i in range(args.iterations)]
+        rows[0].update(eval_reward=0.4)
+        with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        if "default_" in name:
+            (tmp_path / "runs" / f"{name}_seed{seed}" / "process_seconds.txt").write_text("590.5\n")
+        return folder
+
+    monkeypatch.setattr(benchmark, "run_one", fake_run_one)
+    monkeypatch.setattr(benchmark, "DEMO_ARCHIVE", str(tmp_path / "archive"))
+    summary = benchmark.run_demo(benchmark.BenchArgs(output_dir=str(tmp_path / "runs"), parallel=1))
+    assert [c[3:] for c in calls] == [(750, 250)] * 7 and summary["plot"] == "demo_curves.png"
+    assert summary["chosen"] == "w2_lr3e-5_kl" and [c[2][-1] for c in calls] == ["1"] * 4 + ["2"] * 3
+    assert "--kl-beta" not in calls[0][2] and calls[1][2][-4:-2] == ["--kl-beta", "0"]
+    run = summary["phase2"]["default_w2_lr3e-5_kl_seed2"]
+    assert run["process_seconds"] == 590.5 and run["iterations"] == [0, 250, 500, 750]
+    assert "process_seconds" not in summary["phase1"]["w3_lr3e-5_seed0"]
+
+
 def test_benchmark_ratio_is_the_first_evaluation_at_the_baseline_final():
     import benchmark
 
