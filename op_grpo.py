@@ -233,9 +233,9 @@ TASKS = {"pickscore": dict(reward="pickscore", kl_beta=0.01), "geneval": dict(re
 
 def with_presets(args: Args) -> Args:
     """Fill every flag left at None from the --task and --model presets, and --output-dir with a folder with no run."""
-    if args.model == "sd3":
+    if args.model == "sd3":  # the task is recorded, so that a resumed run keeps it
         args = replace(args, task=args.task or "pickscore")
-    preset = {**SHARED, **PRESETS[args.model], **TASKS.get(args.task if args.model == "sd3" else None, {})}
+    preset = {**SHARED, **PRESETS[args.model], **(TASKS[args.task] if args.model == "sd3" else {})}
     args = replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
     return args if args.output_dir else replace(args, output_dir=plumbing.free_folder(f"runs/{args.model}"))
 
