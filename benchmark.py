@@ -6,7 +6,7 @@
   python benchmark.py --study                            # where replay pays: the pre-registered study (RESULTS.md)
   python benchmark.py --study --quick                    # its smoke run
   python benchmark.py --windows                          # SDE windows: learning per minute (RESULTS.md), ~70 min
-  python benchmark.py --demo                             # the default run as a demo: 4 + 3 runs, ~1 h
+  python benchmark.py --demo                             # the default run as a demo: 4 + 3 + 3 runs, ~1.5 h
   python benchmark.py --side-by-side                     # windows in both arms, 600 iterations: 15 runs, ~2.2 h
   python benchmark.py --video --eval-per-family 64        # the toy video world (--model tiny-video): 6 runs
 
@@ -743,9 +743,17 @@ DEMO_SWEEP = {
 }
 
 
+# The follow-up (RESULTS.md, "A follow-up: the window of 3 for 500 iterations", written before its runs): phase 1's
+# window of 3, stopped at 500 iterations, straight to phase 2's conditions (two threads alone, seeds 0-2, timed whole).
+DEMO_FOLLOW_UP = {"w3_lr3e-5_500": (["--sde-window", "3", "--learning-rate", "3e-5", *NO_KL], 500)}
+
+
 def run_demo(args: BenchArgs) -> dict:
     summary = run_windows(args, DEMO_SWEEP, WINDOW_SEEDS, evaluations=3, prefix="demo", archive=DEMO_ARCHIVE)
-    return summary | {"plot": "demo_curves.png"}
+    follow_up = {(f"default_{name}", s): window_job(f"default_{name}", s, flags, iterations, args, threads=2,
+                                                      evaluations=2, prefix="demo", archive=DEMO_ARCHIVE)
+                 for name, (flags, iterations) in DEMO_FOLLOW_UP.items() for s in WINDOW_SEEDS}
+    return summary | {"plot": "demo_curves.png", "phase3": window_summary({k: f for k, f in follow_up.items() if f})}
 
 
 def plot_windows(summary: dict, assets_dir: str) -> None:
@@ -756,9 +764,10 @@ def plot_windows(summary: dict, assets_dir: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, phase, title in zip(axes, ("phase1", "phase2"), ("phase 1: seed 0, one thread each", "phase 2: "
-                                                             f"{summary['chosen']}, two threads")):
+    phases = [("phase1", "phase 1: seed 0, one thread each"), ("phase2", f"phase 2: {summary['chosen']}, two threads")]
+    phases += [("phase3", "follow-up: " + ", ".join(DEMO_FOLLOW_UP) + ", two threads")] if "phase3" in summary else []
+    figure, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 4), sharey=True)
+    for ax, (phase, title) in zip(axes, phases):
         for key, r in summary[phase].items():
             change = np.array(r["eval_reward"]) - r["eval_reward"][0]
             ax.plot(np.array(r["train_seconds"]) / 60, change, marker=".", label=key.removeprefix("default_"))
@@ -773,8 +782,8 @@ def plot_windows(summary: dict, assets_dir: str) -> None:
 
 
 def report_windows(summary: dict) -> None:
-    for phase in ("phase1", "phase2"):
-        for key, r in summary[phase].items():
+    for phase in ("phase1", "phase2", "phase3"):
+        for key, r in summary.get(phase, {}).items():
             print(f"{phase} {key:34s} change {r['final_change']:+.3f} +- {r['final_change_se']:.3f}  "
                   f"{r['iterations'][-1]:4d} its  {r['train_seconds_per_iteration']:.2f} s/it training  "
                   f"{r['wall_seconds'] / 60:5.1f} min in all  {r['change_per_minute']:+.4f} per minute"
