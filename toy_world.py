@@ -189,13 +189,14 @@ _PALETTE = np.array([BACKGROUND] + list(COLOURS.values()), dtype=np.float32)  # 
 _COLOUR_NAMES = list(COLOURS)
 
 
-def find_objects(image) -> list[dict]:
+def find_objects(image, square_min_fill: float = SQUARE_MIN_FILL) -> list[dict]:
     """Segment an RGB image (PIL or uint8 array H x W x 3) into objects: colour, shape, area, box centre.
 
     Each pixel takes the nearest palette colour (or none, past MAX_COLOUR_DISTANCE); 4-connected
     components of one colour are objects. Shape: an upright triangle narrows towards its top (the top
     third of its rows is much narrower than the bottom third); otherwise a square fills its bounding box
-    and a circle about pi/4 of it. Coordinates are rescaled to a 32-pixel canvas.
+    and a circle about pi/4 of it (a fill of square_min_fill or more reads as a square). Coordinates are rescaled to
+    a 32-pixel canvas.
     """
     pixels = np.asarray(image, dtype=np.float32)[..., :3]
     h, w, _ = pixels.shape
@@ -227,7 +228,7 @@ def find_objects(image) -> list[dict]:
         third = max(1, (bottom - top + 1) // 3)
         taper = (ys < top + third).sum() / max(1, (ys > bottom - third).sum())  # equal row counts: a width ratio
         fill = area / ((bottom - top + 1) * (xs.max() - xs.min() + 1))
-        shape = "triangle" if taper < TRIANGLE_MAX_TAPER else "square" if fill >= SQUARE_MIN_FILL else "circle"
+        shape = "triangle" if taper < TRIANGLE_MAX_TAPER else "square" if fill >= square_min_fill else "circle"
         # the box centre, as the renderer places objects and as GenEval compares detections
         centre = ((xs.min() + xs.max()) / 2 * IMAGE_SIZE / w, (top + bottom) / 2 * IMAGE_SIZE / h)
         objects.append({"colour": _COLOUR_NAMES[colour_index - 1], "shape": shape, "area": area, "centre": centre})
