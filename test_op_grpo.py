@@ -2574,7 +2574,7 @@ def test_video_shape_read_tolerates_a_pixel_of_rounding_at_each_corner():
         for y, x, dy, dx in ((10, 10, 1, 1), (10, 9 + side, 1, -1), (9 + side, 10, -1, 1), (9 + side, 9 + side, -1, -1)):
             while not object_mask[y, x]:  # walk the diagonal in from the box corner to the circle
                 y, x = y + dy, x + dx
-            frames["circle"][y - dy, x - dx] = colour  # one pixel more, just outside the circle
+            frames["circle"][y - dy, x] = colour  # one pixel more, touching the circle where it meets the diagonal
             frames["square"][10 if dy > 0 else 9 + side, 10 if dx > 0 else 9 + side] = toy_world.BACKGROUND
         reads = {shape: toy_world.find_objects(frame, toy_video.SQUARE_MIN_FILL) for shape, frame in frames.items()}
         assert [o["shape"] for o in reads["circle"]] == ["circle"] and [o["shape"] for o in reads["square"]] == ["square"]
