@@ -9,6 +9,8 @@
   python benchmark.py --demo                             # the default run as a demo: 4 + 3 + 3 runs, ~1.5 h
   python benchmark.py --side-by-side                     # windows in both arms, 600 iterations: 15 runs, ~2.2 h
   python benchmark.py --video --eval-per-family 64        # the toy video world (--model tiny-video): 6 runs
+  python benchmark.py --regime                           # replay in the paper's regime: 3 + 54 runs, ~8 h, resumable
+  python benchmark.py --regime --made-only               # its summary so far, starting no run
 
 Every run is `python op_grpo.py <flags> --threads 1` in a process of its own, `--parallel` (2) at a time: the two
 arms of a seed run side by side, so that they share the machine's load and their wall-clock times compare.
@@ -92,8 +94,11 @@ class BenchArgs:
     video: bool = False
     """run OP-GRPO against Flow-GRPO on the toy video world instead (--model tiny-video, VIDEO_SIDE_BY_SIDE, 3 seeds);
     writes video_side_by_side_*"""
+    regime: bool = False
+    """run replay in the paper's regime instead (REGIME_PILOT, then REGIME_ORDER, 3 seeds); writes regime_results.json"""
     made_only: bool = False
-    """with --study: summarise the runs made so far (finished or archived), start none, and list the missing ones"""
+    """with --study or --regime: summarise the runs made so far (finished or archived), start none, and list the
+    missing ones"""
     parallel: int = 2
     """runs at a time, one CPU thread each"""
     output_dir: str = "runs/benchmark"
@@ -369,7 +374,9 @@ STUDY_CONTRASTS = [("B_G4", "op_rho_0.5", "prompt_replay_rho_0.5"), ("B_G2", "op
                    ("B_G2", "op_failed_x4", "op_grpo"), ("B_G4", "op_failed_x4", "op_grpo")]
 STUDY_ARCHIVE = os.path.join(HERE, "assets", "study_runs")  # finished runs' metrics, committed as they come
 DIAGNOSTICS = ["flat_groups", "flat_all_fail", "flat_all_pass", "rescued_groups", "replay_minus_best_fresh",
-               "log_is_weight_p10", "log_is_weight_p50", "log_is_weight_p90", "clipfrac_off_policy", "replayed_groups"]
+               "log_is_weight_p10", "log_is_weight_p50", "log_is_weight_p90", "clipfrac_off_policy", "replayed_groups",
+               "clipfrac_on_policy", "log_is_weight_summed_p50", "replay_advantage_mean", "replay_advantage_at_clip",
+               "replay_rescored_minus_stored", "replay_age_mean", "buffer_size", "buffer_admitted", "is_weight_mean"]
 
 
 def measure_base(samples: int = 16, seed: int = 0) -> dict[str, float]:
@@ -1009,6 +1016,75 @@ def window_studies(args: BenchArgs) -> dict:
     return summary
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Replay in the paper's regime (RESULTS.md, "Replay in the paper's regime", written before the runs): OP-GRPO against
+# Flow-GRPO with windowed iterations, 1,000 per run, in a chain of regimes from today's default (8 prompts x 8 images,
+# each training prompt drawn about 17 times) to the paper's (groups of 24, each prompt drawn about twice, Flow-GRPO's
+# clip tightness, beta 0.04, LoRA if it learns here), one factor per step. A pilot first decides LoRA or not.
+# ---------------------------------------------------------------------------------------------------------
+REGIME_ARCHIVE = os.path.join(HERE, "assets", "regime_runs")
+REGIME_SEEDS = (0, 1, 2)
+# Flow-GRPO's clip 1e-4 bounds ratios of per-dimension means over SD3.5's D = 16 x 64 x 64 latents (512 px); such a
+# mean's spread scales as 1 / sqrt(D), so the same tightness at the tiny model's D = 4 x 8 x 8 is 1e-4 x 16 = 1.6e-3
+PAPER_LOSS = ["--clip-range", "1.6e-3", "--kl-beta", "0.04"]
+REGIME_STEPS = {  # on top of the window (2 steps); 463 training prompts
+    "today": ["--sde-window", "2", "--learning-rate", "3e-5"],  # 8 x 8 = 64 images; each prompt drawn ~17 times
+    "G24": ["--sde-window", "2", "--learning-rate", "3e-5", "--group-size", "24", "--prompts-per-iteration", "3"],  # 72; ~6.5
+    "G24_once": ["--sde-window", "2", "--learning-rate", "3e-5", "--group-size", "24", "--prompts-per-iteration", "1"],  # 24; ~2.2
+}
+REGIME_PILOT = {"full": [], "lora4": ["--lora-rank", "4", "--learning-rate", "3e-4"],  # Flow-GRPO's LoRA rate
+                "lora16": ["--lora-rank", "16", "--learning-rate", "3e-4"]}  # in G24_once, Flow-GRPO, seed 0
+REGIME_REWARDS = {"dense": [], "strict": ["--reward", "geneval_strict"]}
+# run order: the paper-like comparisons first, then back along the chain (a cut loses the least informative runs)
+REGIME_ORDER = [("paper", "dense"), ("paper", "strict"), ("G24_once", "dense"), ("G24_once", "strict"),
+                ("G24", "dense"), ("today", "dense"), ("today", "strict"), ("G24", "strict"), ("paper_full", "dense")]
+
+
+def regime_choice(pilot: dict) -> str:
+    """The pre-registered LoRA rule: the LoRA rank with the larger change, if that change is at least 2 paired SE
+    and at least half the full fine-tuning change; else "full"."""
+    best = max(("lora4", "lora16"), key=lambda name: pilot[name]["final_change"])
+    c = pilot[best]
+    return best if c["final_change"] >= 2 * c["final_change_se"] and c["final_change"] >= pilot["full"][
+        "final_change"] / 2 else "full"
+
+
+def run_regime(args: BenchArgs) -> dict:
+    """The pilot (3 runs, seed 0, 300 iterations), then REGIME_ORDER's comparisons on REGIME_SEEDS (both arms of a
+    seed side by side), 1,000 iterations and 10 evaluations each. "paper" is G24_once + PAPER_LOSS + the pilot's
+    choice; "paper_full" the same with full fine-tuning (only if LoRA was chosen: what LoRA alone changes)."""
+    missing = []
+
+    def run(jobs: dict) -> dict:  # {(name, seed): (flags, iterations, evaluations)} -> {(name, seed): folder}
+        def one(job):
+            (name, seed), (flags, iterations, evaluations) = job
+            sized = args if args.quick else replace(args, iterations=iterations, eval_every=iterations // evaluations)
+            return run_archived(name, seed, [*flags, "--threads", "1"], sized, REGIME_ARCHIVE)
+
+        with ThreadPoolExecutor(args.parallel) as pool:
+            done = dict(zip(jobs, pool.map(one, jobs.items())))
+        missing.extend(f"{name} seed {seed}" for (name, seed), folder in done.items() if folder is None)
+        return {job: folder for job, folder in done.items() if folder is not None}
+
+    pilot_jobs = {(f"pilot/{name}", 0): (REGIME_STEPS["G24_once"] + flags + ARMS["flow_grpo"], 300, 3)
+                  for name, flags in REGIME_PILOT.items()}
+    folders = run(pilot_jobs)
+    pilot = {name.split("/")[1]: curve(load_rows(f)) for (name, _), f in folders.items()}
+    choice = regime_choice(pilot) if len(pilot) == len(REGIME_PILOT) else None
+    summary = {"pilot": pilot, "choices": {"paper": choice}}
+    if choice is None:
+        return summary | {"comparisons": {}, "missing": missing}
+    steps = REGIME_STEPS | {"paper": REGIME_STEPS["G24_once"] + PAPER_LOSS + REGIME_PILOT[choice],
+                            "paper_full": REGIME_STEPS["G24_once"] + PAPER_LOSS}
+    order = [(step, reward) for step, reward in REGIME_ORDER if step != "paper_full" or choice != "full"]
+    seeds = REGIME_SEEDS[:1] if args.quick else REGIME_SEEDS
+    jobs = {(f"{step}_{reward}/{arm}", seed): (steps[step] + REGIME_REWARDS[reward] + ARMS[arm], 1000, 10)
+            for step, reward in order for seed in seeds for arm in ("op_grpo", "flow_grpo")}
+    folders = run(jobs)
+    return summary | study_summary(folders) | {"missing": missing, "config": {
+        "steps": steps, "order": order, "rewards": REGIME_REWARDS, "seeds": seeds}}
+
+
 def main(args: BenchArgs) -> dict:
     if args.side_by_side or args.windows or args.video or args.demo:
         return window_studies(args)
@@ -1018,6 +1094,18 @@ def main(args: BenchArgs) -> dict:
         args.seeds, args.iterations, args.eval_every, args.eval_per_family = args.seeds[:1], 4, 2, 4
         args.output_dir, args.assets_dir = args.output_dir + "_quick", args.output_dir + "_quick"
     os.makedirs(args.assets_dir, exist_ok=True)
+    if args.regime:
+        args.output_dir = args.output_dir.replace("benchmark", "regime")
+        if args.quick:
+            args.iterations, args.eval_every, args.eval_per_family = 4, 2, 4
+            args.output_dir, args.assets_dir = args.output_dir + "_quick", args.output_dir + "_quick"
+        os.makedirs(args.assets_dir, exist_ok=True)
+        summary = run_regime(args)
+        kept = {k: v for k, v in summary.items() if k != "diagnostics_per_iteration"}  # per iteration: in the archive
+        plumbing.write_json(os.path.join(args.assets_dir, "regime_results.json"), kept, HERE)
+        if summary.get("comparisons"):
+            report_study(summary)
+        return summary
     if args.study:
         summary = run_study(args)
         study = {k: v for k, v in summary.items() if k != "diagnostics_per_iteration"}  # per iteration: in the archive

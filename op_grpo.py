@@ -402,8 +402,8 @@ class ReplayBuffer:
         return (torch.stack([e["latents"] for e in entries]).to(device),
                 torch.stack([e["log_probs"] for e in entries]).to(device), torch.tensor([e["reward"] for e in entries]))
 
-    def mean_age(self) -> float:
-        return float(np.mean([self.clock - e["born"] for e in self.entries.values()])) if self.entries else 0.0
+    def ages(self, prompts: list[str] | None = None) -> torch.Tensor:  # iterations since stored; None: every entry
+        return torch.tensor([float(self.clock - self.entries[p]["born"]) for p in prompts or self.entries])
 
     def state_dict(self) -> dict:
         return {"clock": self.clock, "entries": self.entries, "last_best_fresh": self.last_best_fresh}
@@ -768,7 +768,7 @@ def rescore_replayed(model: Model, args: Args, buffer: ReplayBuffer, prompts: li
                                                   (embeds[rows], pooled[rows]), model, args,
                                                   f"in log p_old of a replayed trajectory at step {k}")[0]
     return dict(prompts=prompts, latents=latents, log_prob_old=log_prob_old, log_prob_behavior=log_prob_behavior,
-                rewards=stored_rewards)
+                rewards=stored_rewards, stored=stored_rewards.clone(), ages=buffer.ages(prompts))  # as stored (logged)
 
 
 @torch.no_grad()
@@ -988,7 +988,7 @@ def main(args: Args) -> list[dict]:
         if not guard.skipped:
             row = {"iteration": iteration, **plumbing.iteration_metrics(args, fresh, replayed, batch, stats, processes),
                    "replayed_groups": n_replayed, "buffer_prompts": n_drawn, "buffer_size": len(buffer),
-                   "buffer_mean_age": buffer.mean_age(), "buffer_admitted": admitted, **timings}
+                   "buffer_mean_age": buffer.ages().mean().nan_to_num().item(), "buffer_admitted": admitted, **timings}
         if ((iteration + 1) % args.eval_every == 0 or iteration == args.iterations - 1) and not plumbing.stopping_now():
             row.update(processes.divergence(trainable))
             if processes.main:  # a second signal cuts the evaluation short, not the checkpoint

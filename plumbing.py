@@ -600,7 +600,8 @@ def iteration_metrics(args, fresh: dict, replayed: dict | None, batch: dict, sta
                                batch["replayed"].view(-1, args.group_size).cpu())
     # replayed trajectories: weights, re-scored rewards, log p_old - log p_off per step (R, K)
     mine = replayed and (batch["is_weight"][batch["replayed"]].cpu(), replayed["rewards"].cpu(),
-                         (replayed["log_prob_old"] - replayed["log_prob_behavior"]).cpu())
+                         (replayed["log_prob_old"] - replayed["log_prob_behavior"]).cpu(),
+                         batch["advantages"][batch["replayed"]].cpu(), replayed["stored"].cpu(), replayed["ages"])
     parts = processes.gather((fresh["rewards"].cpu(), stats, groups, mine))
     rewards, rep = torch.cat([p[0] for p in parts]), [p[3] for p in parts if p[3]]
     stats = {key: [x for p in parts for x in p[1][key]] for key in stats}
@@ -612,13 +613,20 @@ def iteration_metrics(args, fresh: dict, replayed: dict | None, batch: dict, sta
            "kl_to_reference": mean(stats["kl"]),
            **{key: mean([x for p in parts for x in p[2][key]]) for key in groups}}
     if rep:
-        w, rep_rewards, log_ratio = (torch.cat(ts) for ts in zip(*rep))
+        w, rep_rewards, log_ratio, advantage, stored, ages = (torch.cat(ts) for ts in zip(*rep))
         quantiles = torch.quantile(w.log().double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
         row.update({"is_weight_mean": w.mean().item(), "is_weight_min": w.min().item(), "is_weight_max": w.max().item(),
                     **dict(zip(("log_is_weight_p10", "log_is_weight_p50", "log_is_weight_p90"), quantiles)),
                     # with log-probs summed over the D latent dimensions (the paper's densities), not averaged: D log w
                     "log_is_weight_summed_p50": quantiles[1] * batch["latents"][0, 0].numel(),
                     "replay_reward_mean": rep_rewards.mean().item(),
+                    # the replayed sample in its group: advantage, share at the advantage clip, re-scored - stored
+                    # reward (the stored one is never refreshed), its entry's age as the decay counts it (0: stored
+                    # in the previous iteration)
+                    "replay_advantage_mean": advantage.mean().item(),
+                    "replay_advantage_at_clip": (advantage.abs() >= args.adv_clip).float().mean().item(),
+                    "replay_rescored_minus_stored": (rep_rewards - stored).mean().item(),
+                    "replay_age_mean": ages.mean().item(),
                     # the late-step "cliff" (paper Fig. 2): per-step mean and spread of log p_old - log p_off
                     **dict(zip(("log_ratio_old_behavior_per_step", "log_ratio_old_behavior_per_step_std"),
                                column_mean_std(log_ratio)))})

@@ -444,7 +444,7 @@ def test_buffer_decay_makes_old_entries_replaceable_also_for_negative_rewards():
     for _ in range(5):
         buffer.tick()
     assert buffer.decayed_reward("old") == pytest.approx(-1.5)
-    assert buffer.mean_age() == 5
+    assert buffer.ages().mean().item() == 5
     assert buffer.offer("old", *entry(1), reward=-1.4)  # worse than the stored -1.0, better than its decayed -1.5
     assert buffer.offer("new", *entry(2), reward=-1.6)  # evicts "other", decayed to -1.7
     assert sorted(buffer.entries) == ["new", "old"]
@@ -769,6 +769,9 @@ def test_end_to_end_with_replay_weights_and_truncation(tmp_path):
         assert r["log_is_weight_summed_p50"] == pytest.approx(4 * 8 * 8 * r["log_is_weight_p50"])  # D = 4 x 8 x 8
         assert len(r["log_ratio_old_behavior_per_step"]) == 10  # every step, truncated ones included
         assert all(math.isfinite(x) for x in r["log_ratio_old_behavior_per_step"])
+        assert 0 <= r["replay_advantage_at_clip"] <= 1 and abs(r["replay_advantage_mean"]) <= args.adv_clip
+        assert 0 <= r["replay_age_mean"] <= r["iteration"] - 1 and math.isfinite(r["replay_rescored_minus_stored"])
+    assert replayed[0]["iteration"] == 1 and replayed[0]["replay_age_mean"] == 0  # stored the iteration before
     for r in rows:
         assert all(math.isfinite(r[k]) for k in ("reward_mean", "loss", "approx_kl", "kl_to_reference"))
     assert (tmp_path / "before_after.png").exists() and (tmp_path / "transformer" / "config.json").exists()
@@ -882,7 +885,8 @@ def test_sde_window_zero_reproduces_the_run_from_before_windows_existed(tmp_path
     rows = without_timings(op_grpo.main(short_run(tmp_path, "run", iterations=3)))
     with open(os.path.join(HERE, "assets", "reference_run_3_iterations.json")) as f:
         reference = json.load(f)
-    added = {"log_is_weight_summed_p50"}  # logged since the reference was made: D x log_is_weight_p50
+    added = {"log_is_weight_summed_p50", "replay_advantage_mean", "replay_advantage_at_clip",  # logged since the
+             "replay_rescored_minus_stored", "replay_age_mean"}  # reference was made (D x log_is_weight_p50, ...)
     assert [sorted(set(r) - added) for r in rows] == [sorted(r) for r in reference]
     for row, expected in zip(rows, reference):
         for key, value in expected.items():
@@ -1990,7 +1994,8 @@ def test_window_study_sizes_its_runs_picks_the_largest_change_and_runs_it_on_thr
 def test_demo_sweep_runs_750_iterations_with_3_evaluations_and_times_phase_2_whole(tmp_path, monkeypatch):
     import benchmark
 
-    calls, change = [], {"w2_lr3e-5_kl": 0.19, "w2_lr3e-5": 0.10, "w3_lr3e-5": 0.18, "w2_lr5e-5": -0.05}
+    calls, change = [], {"w2_lr3e-5_kl": 0.19, "w2_lr3e-5": 0.10, "w3_lr3e-5": 0.18, "w2_lr5e-5": -0.05,
+                         "w3_lr3e-5_500": 0.13}
 
     def fake_run_one(name, seed, flags, args):  # stands for op_grpo.py; phase 2 also leaves its process time
         calls.append((name, seed, flags, args.iterations, args.eval_every))
@@ -2010,12 +2015,51 @@ def test_demo_sweep_runs_750_iterations_with_3_evaluations_and_times_phase_2_who
     monkeypatch.setattr(benchmark, "run_one", fake_run_one)
     monkeypatch.setattr(benchmark, "DEMO_ARCHIVE", str(tmp_path / "archive"))
     summary = benchmark.run_demo(benchmark.BenchArgs(output_dir=str(tmp_path / "runs"), parallel=1))
-    assert [c[3:] for c in calls] == [(750, 250)] * 7 and summary["plot"] == "demo_curves.png"
-    assert summary["chosen"] == "w2_lr3e-5_kl" and [c[2][-1] for c in calls] == ["1"] * 4 + ["2"] * 3
+    assert [c[3:] for c in calls] == [(750, 250)] * 7 + [(500, 250)] * 3 and summary["plot"] == "demo_curves.png"
+    assert summary["chosen"] == "w2_lr3e-5_kl" and [c[2][-1] for c in calls] == ["1"] * 4 + ["2"] * 6
+    follow_up = summary["phase3"]["default_w3_lr3e-5_500_seed1"]  # the follow-up: its own flags, timed whole
+    assert follow_up["final_change"] == 0.13 and follow_up["process_seconds"] == 590.5
+    assert calls[-1][2][:2] == ["--sde-window", "3"] and calls[-1][2][-4:-2] == ["--kl-beta", "0"]
     assert "--kl-beta" not in calls[0][2] and calls[1][2][-4:-2] == ["--kl-beta", "0"]
     run = summary["phase2"]["default_w2_lr3e-5_kl_seed2"]
     assert run["process_seconds"] == 590.5 and run["iterations"] == [0, 250, 500, 750]
     assert "process_seconds" not in summary["phase1"]["w3_lr3e-5_seed0"]
+
+
+def test_regime_study_pilots_lora_then_runs_the_chain_with_the_pilots_choice(tmp_path, monkeypatch):
+    import benchmark
+
+    calls, pilot = [], {"full": 0.10, "lora4": 0.03, "lora16": 0.07}  # lora16: >= 2 SE and >= half of full
+
+    def fake_run_one(name, seed, flags, args):  # stands for op_grpo.py
+        calls.append((name, seed, flags, args.iterations, args.eval_every))
+        folder = os.path.join(args.output_dir, f"{name}_seed{seed}")
+        os.makedirs(folder, exist_ok=True)
+        final = pilot.get(name.removeprefix("pilot_"), 0.05 + 0.01 * ("op_grpo" in name))
+        rows = [{"iteration": i, "time/update": 0.5, **({"eval_reward": 0.4 + final, "eval_se": 0.01, "time/eval": 5.0,
+                 "eval_change": final, "eval_change_se": 0.02} if (i + 1) % args.eval_every == 0 else {})}
+                for i in range(args.iterations)]
+        rows[0].update(eval_reward=0.4)
+        with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        return folder
+
+    monkeypatch.setattr(benchmark, "run_one", fake_run_one)
+    monkeypatch.setattr(benchmark, "REGIME_ARCHIVE", str(tmp_path / "archive"))
+    summary = benchmark.run_regime(benchmark.BenchArgs(output_dir=str(tmp_path / "runs"), parallel=1))
+    assert [c[3:] for c in calls[:3]] == [(300, 100)] * 3 and all("--off-policy-fraction" in c[2] for c in calls[:3])
+    assert summary["choices"] == {"paper": "lora16"}
+    chain = calls[3:]
+    assert len(chain) == 9 * 3 * 2 and {c[3:] for c in chain} == {(1000, 100)}
+    paper = dict(zip(chain[0][2][::2], chain[0][2][1::2]))  # the first run: paper-like, dense, OP-GRPO, seed 0
+    assert chain[0][:2] == ("paper_dense_op_grpo", 0) and chain[1][:2] == ("paper_dense_flow_grpo", 0)
+    assert paper["--group-size"] == "24" and paper["--prompts-per-iteration"] == "1" and paper["--lora-rank"] == "16"
+    assert paper["--clip-range"] == "1.6e-3" and paper["--kl-beta"] == "0.04" and paper["--learning-rate"] == "3e-4"
+    assert "--lora-rank" not in chain[-1][2] and chain[-1][0].startswith("paper_full_dense")
+    entry = summary["comparisons"]["paper_strict: op_grpo vs flow_grpo"]
+    assert entry["mean_curve_difference"]["mean"] == pytest.approx(0.01) and len(entry["per_seed"]) == 3
+    assert benchmark.regime_choice({"full": {"final_change": 0.10}, "lora4": {"final_change": 0.04, "final_change_se":
+                                    0.01}, "lora16": {"final_change": 0.03, "final_change_se": 0.01}}) == "full"
 
 
 def test_benchmark_ratio_is_the_first_evaluation_at_the_baseline_final():
