@@ -1991,27 +1991,36 @@ def test_window_study_sizes_its_runs_picks_the_largest_change_and_runs_it_on_thr
     assert run["wall_seconds"] == 450 * 1.5 + 3.0 and run["change_per_minute"] == pytest.approx(0.12 / (678 / 60))
 
 
-def test_demo_sweep_runs_750_iterations_with_3_evaluations_and_times_phase_2_whole(tmp_path, monkeypatch):
-    import benchmark
-
-    calls, change = [], {"w2_lr3e-5_kl": 0.19, "w2_lr3e-5": 0.10, "w3_lr3e-5": 0.18, "w2_lr5e-5": -0.05,
-                         "w3_lr3e-5_500": 0.13}
-
-    def fake_run_one(name, seed, flags, args):  # stands for op_grpo.py; phase 2 also leaves its process time
+def fake_runs(calls: list, final_change, timed=lambda name: False):
+    """A stand-in for benchmark.run_one (an op_grpo.py run): it records the call and writes rows with an update time
+    and an evaluation every eval_every iterations at 0.4 + final_change(name) (0.4 before training), and for the
+    runs timed(name) a process time of 590.5 s."""
+    def run_one(name, seed, flags, args):
         calls.append((name, seed, flags, args.iterations, args.eval_every))
         folder = os.path.join(args.output_dir, f"{name}_seed{seed}")
         os.makedirs(folder, exist_ok=True)
-        final = change[name.removeprefix("demo_").removeprefix("default_")]
+        final = final_change(name)
         rows = [{"iteration": i, "time/update": 0.5, **({"eval_reward": 0.4 + final, "eval_se": 0.01, "time/eval": 5.0,
                  "eval_change": final, "eval_change_se": 0.02} if (i + 1) % args.eval_every == 0 else {})}
                 for i in range(args.iterations)]
         rows[0].update(eval_reward=0.4)
         with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-        if "default_" in name:
-            (tmp_path / "runs" / f"{name}_seed{seed}" / "process_seconds.txt").write_text("590.5\n")
+        if timed(name):
+            with open(os.path.join(folder, "process_seconds.txt"), "w") as f:
+                f.write("590.5\n")
         return folder
+    return run_one
 
+
+def test_demo_sweep_runs_750_iterations_with_3_evaluations_and_times_phase_2_whole(tmp_path, monkeypatch):
+    import benchmark
+
+    calls, change = [], {"w2_lr3e-5_kl": 0.19, "w2_lr3e-5": 0.10, "w3_lr3e-5": 0.18, "w2_lr5e-5": -0.05,
+                         "w3_lr3e-5_500": 0.13}
+
+    final = lambda name: change[name.removeprefix("demo_").removeprefix("default_")]  # noqa: E731
+    fake_run_one = fake_runs(calls, final, timed=lambda name: "default_" in name)  # phase 2: also its process time
     monkeypatch.setattr(benchmark, "run_one", fake_run_one)
     monkeypatch.setattr(benchmark, "DEMO_ARCHIVE", str(tmp_path / "archive"))
     summary = benchmark.run_demo(benchmark.BenchArgs(output_dir=str(tmp_path / "runs"), parallel=1))
@@ -2031,19 +2040,7 @@ def test_regime_study_pilots_lora_then_runs_the_chain_with_the_pilots_choice(tmp
 
     calls, pilot = [], {"full": 0.10, "lora4": 0.03, "lora16": 0.07}  # lora16: >= 2 SE and >= half of full
 
-    def fake_run_one(name, seed, flags, args):  # stands for op_grpo.py
-        calls.append((name, seed, flags, args.iterations, args.eval_every))
-        folder = os.path.join(args.output_dir, f"{name}_seed{seed}")
-        os.makedirs(folder, exist_ok=True)
-        final = pilot.get(name.removeprefix("pilot_"), 0.05 + 0.01 * ("op_grpo" in name))
-        rows = [{"iteration": i, "time/update": 0.5, **({"eval_reward": 0.4 + final, "eval_se": 0.01, "time/eval": 5.0,
-                 "eval_change": final, "eval_change_se": 0.02} if (i + 1) % args.eval_every == 0 else {})}
-                for i in range(args.iterations)]
-        rows[0].update(eval_reward=0.4)
-        with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        return folder
-
+    fake_run_one = fake_runs(calls, lambda name: pilot.get(name.removeprefix("pilot_"), 0.05 + 0.01 * ("op_grpo" in name)))
     monkeypatch.setattr(benchmark, "run_one", fake_run_one)
     monkeypatch.setattr(benchmark, "REGIME_ARCHIVE", str(tmp_path / "archive"))
     summary = benchmark.run_regime(benchmark.BenchArgs(output_dir=str(tmp_path / "runs"), parallel=1))
