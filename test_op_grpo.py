@@ -2059,6 +2059,28 @@ def test_regime_study_pilots_lora_then_runs_the_chain_with_the_pilots_choice(tmp
                                     0.01}, "lora16": {"final_change": 0.03, "final_change_se": 0.01}}) == "full"
 
 
+def test_video_preset_study_reads_the_preset_guidance_study_and_calls_a_rise_at_two_se_over_seeds(monkeypatch):
+    import benchmark
+
+    assert benchmark.PRESET_GUIDANCE == op_grpo.PRESETS["tiny-video"]["guidance_scale"]
+    assert benchmark.VIDEO_STUDIES["video_fill_g1.5"] == benchmark.PRESET_GUIDANCE
+    changes = {"op_grpo": [0.05, 0.06, 0.07], "flow_grpo": [-0.02, 0.03, 0.08]}  # OP: 0.06 +- 0.0058; Flow: 0.03 +- 0.029
+    runs = {f"s/{arm}_seed{seed}": {"name": f"s/{arm}", "seed": seed, "final_change": c, "final_change_se": 0.03,
+                                    "eval_reward": [0.4, 0.4 + c], "train_seconds_per_iteration": 10.0,
+                                    "start_end": {"eval/train/met/shape": [0.4, 0.4 + c]}}
+            for arm, cs in changes.items() for seed, c in enumerate(cs)}
+    contrasts = {"s/op_grpo - s/flow_grpo": {"per_seed": {"0": {"equal_time_curve_difference": 0.01}},
+                                             "equal_time_curve_difference": {"mean": 0.01, "se_over_seeds": None}}}
+    monkeypatch.setattr(benchmark, "VIDEO_SIDE_BY_SIDE", {"s/op_grpo": (["--model", "tiny-video"], 100, 10)})
+    study = benchmark.preset_study({"runs": runs, "contrasts": contrasts}, "s")
+    op, flow = study["arms"]["op_grpo"], study["arms"]["flow_grpo"]
+    assert op["strict_change"]["mean"] == pytest.approx(0.06) and op["rises"] and not flow["rises"]
+    assert op["strict_change"]["se_over_seeds"] == pytest.approx(0.01 / math.sqrt(3))
+    assert op["requirements_start_end"]["eval/train/met/shape"] == pytest.approx([0.4, 0.46])
+    assert [r["change"] for r in flow["per_seed"]] == changes["flow_grpo"] and study["op_minus_flow_equal_time"][
+        "per_seed"] == [0.01]
+
+
 def test_benchmark_ratio_is_the_first_evaluation_at_the_baseline_final():
     import benchmark
 
