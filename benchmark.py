@@ -823,7 +823,6 @@ SIDE_CONTRASTS = [("dense/flow_w2", "dense/flow_all"), ("dense/op_w2", "dense/fl
 # (0.9) at guidance 1.5, the preset since (RESULTS.md, "Video").
 VIDEO_ARCHIVE = os.path.join(HERE, "assets", "video_runs")
 VIDEO_STUDIES = {"video_g3": 3, "video_g2": 2, "video_fill_g1.5": 1.5}
-PRESET_GUIDANCE = 1.5  # op_grpo.PRESETS["tiny-video"]["guidance_scale"] (tested)
 VIDEO_SIDE_BY_SIDE = {f"{study}/{arm}": (["--model", "tiny-video", "--guidance-scale", str(g), *ARMS[arm]], 100, 10)
                       for study, g in VIDEO_STUDIES.items() for arm in ("op_grpo", "flow_grpo")}
 VIDEO_CONTRASTS = [(f"{study}/op_grpo", f"{study}/flow_grpo") for study in VIDEO_STUDIES]
@@ -1039,7 +1038,10 @@ def window_studies(args: BenchArgs) -> dict:
         print(side_tables(summary))
         print(requirement_table(summary))
     if args.video:  # the study at today's preset guidance, in the form the README quotes
-        study = [name for name, g in VIDEO_STUDIES.items() if g == PRESET_GUIDANCE][-1]
+        import op_grpo
+
+        preset = op_grpo.PRESETS["tiny-video"]["guidance_scale"]
+        study = [name for name, g in VIDEO_STUDIES.items() if g == preset][-1]
         plumbing.write_json(os.path.join(args.assets_dir, "video_preset_study.json"), preset_study(summary, study), HERE)
     return summary
 
