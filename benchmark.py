@@ -23,6 +23,7 @@ per investigated setting.
 import contextlib
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -1115,6 +1116,46 @@ def run_regime(args: BenchArgs) -> dict:
         "steps": steps, "order": order, "rewards": REGIME_REWARDS, "seeds": seeds}}
 
 
+def plot_regime(summary: dict, assets_dir: str) -> None:
+    """regime_curves.png: the chain's steps from today's to the paper's (columns) under each reward (rows); per panel both arms' strict accuracy
+    change since iteration 0 against iterations, the mean over seeds (line) and their range (band), and the title
+    giving OP − Flow's curve difference ± SE over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = [tuple(pair) for pair in summary["config"]["order"]]
+    steps = [step for step in summary["config"]["steps"] if any(step == s for s, _ in order)]  # today ... paper
+    rewards = list(summary["config"]["rewards"])
+    figure, axes = plt.subplots(len(rewards), len(steps), figsize=(3.3 * len(steps), 3 * len(rewards)),
+                                sharey=True, squeeze=False)
+    for (row, reward), (col, step) in itertools.product(enumerate(rewards), enumerate(steps)):
+        ax, comparison = axes[row][col], f"{step}_{reward}"
+        if (step, reward) not in order:
+            ax.axis("off")
+            continue
+        for arm, colour in (("flow_grpo", "tab:blue"), ("op_grpo", "tab:red")):
+            runs = [c for key, c in summary["curves"].items() if key.rsplit("_seed", 1)[0] == f"{comparison}/{arm}"]
+            if runs:
+                change = np.array([np.subtract(c["eval_reward"], c["eval_reward"][0]) for c in runs])
+                ax.plot(runs[0]["iterations"], change.mean(0), color=colour, label=f"{arm} ({len(runs)} seeds)")
+                ax.fill_between(runs[0]["iterations"], change.min(0), change.max(0), color=colour, alpha=0.15)
+        entry = summary["comparisons"].get(f"{comparison}: op_grpo vs flow_grpo")
+        ax.set_title(f"{comparison}\nOP − Flow {pm(entry['mean_curve_difference'])}" if entry else
+                     f"{comparison}\n(not made)", fontsize=9)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("iteration")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
+    for row in axes:
+        row[0].set_ylabel("strict accuracy change")
+    figure.tight_layout()
+    figure.savefig(os.path.join(assets_dir, "regime_curves.png"), dpi=100)
+    plt.close(figure)
+
+
 def main(args: BenchArgs) -> dict:
     if args.side_by_side or args.windows or args.video or args.demo:
         return window_studies(args)
@@ -1134,6 +1175,7 @@ def main(args: BenchArgs) -> dict:
         kept = {k: v for k, v in summary.items() if k != "diagnostics_per_iteration"}  # per iteration: in the archive
         plumbing.write_json(os.path.join(args.assets_dir, "regime_results.json"), kept, HERE)
         if summary.get("comparisons"):
+            plot_regime(summary, args.assets_dir)
             report_study(summary)
         return summary
     if args.study:

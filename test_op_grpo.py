@@ -2055,6 +2055,8 @@ def test_regime_study_pilots_lora_then_runs_the_chain_with_the_pilots_choice(tmp
     assert "--lora-rank" not in chain[-1][2] and chain[-1][0].startswith("paper_full_dense")
     entry = summary["comparisons"]["paper_strict: op_grpo vs flow_grpo"]
     assert entry["mean_curve_difference"]["mean"] == pytest.approx(0.01) and len(entry["per_seed"]) == 3
+    benchmark.plot_regime(summary, str(tmp_path))  # every comparison of the chain has a panel
+    assert os.path.getsize(tmp_path / "regime_curves.png") > 10_000
     assert benchmark.regime_choice({"full": {"final_change": 0.10}, "lora4": {"final_change": 0.04, "final_change_se":
                                     0.01}, "lora16": {"final_change": 0.03, "final_change_se": 0.01}}) == "full"
 
