@@ -2046,8 +2046,10 @@ def test_regime_study_pilots_lora_then_runs_the_chain_with_the_pilots_choice(tmp
     summary = benchmark.run_regime(benchmark.BenchArgs(output_dir=str(tmp_path / "runs"), parallel=1))
     assert [c[3:] for c in calls[:3]] == [(300, 100)] * 3 and all("--off-policy-fraction" in c[2] for c in calls[:3])
     assert summary["choices"] == {"paper": "lora16"}
-    chain = calls[3:]
+    chain, replication = calls[3:57], calls[57:]
     assert len(chain) == 9 * 3 * 2 and {c[3:] for c in chain} == {(1000, 100)}
+    assert [c[:2] for c in replication[:2]] == [("G24_dense_replication_op_grpo", 3), ("G24_dense_replication_flow_grpo", 3)]
+    assert len(replication) == 6 and replication[0][2] == next(c[2] for c in chain if c[:2] == ("G24_dense_op_grpo", 0))
     paper = dict(zip(chain[0][2][::2], chain[0][2][1::2]))  # the first run: paper-like, dense, OP-GRPO, seed 0
     assert chain[0][:2] == ("paper_dense_op_grpo", 0) and chain[1][:2] == ("paper_dense_flow_grpo", 0)
     assert paper["--group-size"] == "24" and paper["--prompts-per-iteration"] == "1" and paper["--lora-rank"] == "16"
@@ -2055,6 +2057,9 @@ def test_regime_study_pilots_lora_then_runs_the_chain_with_the_pilots_choice(tmp
     assert "--lora-rank" not in chain[-1][2] and chain[-1][0].startswith("paper_full_dense")
     entry = summary["comparisons"]["paper_strict: op_grpo vs flow_grpo"]
     assert entry["mean_curve_difference"]["mean"] == pytest.approx(0.01) and len(entry["per_seed"]) == 3
+    replicated = summary["comparisons"]["G24_dense_replication: op_grpo vs flow_grpo"]
+    assert [s["seed"] for s in replicated["per_seed"]] == [3, 4, 5]
+    assert len(summary["comparisons"]["G24_dense: op_grpo vs flow_grpo"]["per_seed"]) == 3  # its seeds stay apart
     benchmark.plot_regime(summary, str(tmp_path))  # every comparison of the chain has a panel
     assert os.path.getsize(tmp_path / "regime_curves.png") > 10_000
     assert benchmark.regime_choice({"full": {"final_change": 0.10}, "lora4": {"final_change": 0.04, "final_change_se":
