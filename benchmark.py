@@ -1085,8 +1085,9 @@ def regime_choice(pilot: dict) -> str:
 
 def run_regime(args: BenchArgs) -> dict:
     """The pilot (3 runs, seed 0, 300 iterations), then REGIME_ORDER's comparisons on REGIME_SEEDS (both arms of a
-    seed side by side), 1,000 iterations and 10 evaluations each, then REGIME_REPLICATION's. "paper" is G24_once + PAPER_LOSS + the pilot's
-    choice; "paper_full" the same with full fine-tuning (only if LoRA was chosen: what LoRA alone changes)."""
+    seed side by side), 1,000 iterations and 10 evaluations each, then REGIME_REPLICATION's. "paper" is G24_once +
+    PAPER_LOSS + the pilot's choice; "paper_full" the same with full fine-tuning (only if LoRA was chosen: what LoRA
+    alone changes)."""
     missing = []
 
     def run(jobs: dict) -> dict:  # {(name, seed): (flags, iterations, evaluations)} -> {(name, seed): folder}
@@ -1112,12 +1113,10 @@ def run_regime(args: BenchArgs) -> dict:
                             "paper_full": REGIME_STEPS["G24_once"] + PAPER_LOSS}
     order = [(step, reward) for step, reward in REGIME_ORDER if step != "paper_full" or choice != "full"]
     seeds = REGIME_SEEDS[:1] if args.quick else REGIME_SEEDS
-    jobs = {(f"{step}_{reward}/{arm}", seed): (steps[step] + REGIME_REWARDS[reward] + ARMS[arm], 1000, 10)
-            for step, reward in order for seed in seeds for arm in ("op_grpo", "flow_grpo")}
-    if not args.quick:
-        jobs |= {(f"{step}_{reward}_replication/{arm}", seed): (steps[step] + REGIME_REWARDS[reward] + ARMS[arm], 1000, 10)
-                 for (step, reward), new_seeds in REGIME_REPLICATION.items() for seed in new_seeds
-                 for arm in ("op_grpo", "flow_grpo")}
+    comparisons = [(f"{step}_{reward}", step, reward, seeds) for step, reward in order] + ([] if args.quick else [
+        (f"{step}_{reward}_replication", step, reward, new_seeds) for (step, reward), new_seeds in REGIME_REPLICATION.items()])
+    jobs = {(f"{name}/{arm}", seed): (steps[step] + REGIME_REWARDS[reward] + ARMS[arm], 1000, 10)
+            for name, step, reward, its_seeds in comparisons for seed in its_seeds for arm in ("op_grpo", "flow_grpo")}
     folders = run(jobs)
     return summary | study_summary(folders) | {"missing": missing, "config": {
         "steps": steps, "order": order, "rewards": REGIME_REWARDS, "seeds": seeds}}

@@ -2048,7 +2048,8 @@ def test_regime_study_pilots_lora_then_runs_the_chain_with_the_pilots_choice(tmp
     assert summary["choices"] == {"paper": "lora16"}
     chain, replication = calls[3:57], calls[57:]
     assert len(chain) == 9 * 3 * 2 and {c[3:] for c in chain} == {(1000, 100)}
-    assert [c[:2] for c in replication[:2]] == [("G24_dense_replication_op_grpo", 3), ("G24_dense_replication_flow_grpo", 3)]
+    assert [c[:2] for c in replication[:2]] == [("G24_dense_replication_op_grpo", 3),
+                                                ("G24_dense_replication_flow_grpo", 3)]
     assert len(replication) == 6 and replication[0][2] == next(c[2] for c in chain if c[:2] == ("G24_dense_op_grpo", 0))
     paper = dict(zip(chain[0][2][::2], chain[0][2][1::2]))  # the first run: paper-like, dense, OP-GRPO, seed 0
     assert chain[0][:2] == ("paper_dense_op_grpo", 0) and chain[1][:2] == ("paper_dense_flow_grpo", 0)
