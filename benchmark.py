@@ -1113,8 +1113,9 @@ def run_regime(args: BenchArgs) -> dict:
                             "paper_full": REGIME_STEPS["G24_once"] + PAPER_LOSS}
     order = [(step, reward) for step, reward in REGIME_ORDER if step != "paper_full" or choice != "full"]
     seeds = REGIME_SEEDS[:1] if args.quick else REGIME_SEEDS
-    comparisons = [(f"{step}_{reward}", step, reward, seeds) for step, reward in order] + ([] if args.quick else [
-        (f"{step}_{reward}_replication", step, reward, new_seeds) for (step, reward), new_seeds in REGIME_REPLICATION.items()])
+    replications = {} if args.quick else REGIME_REPLICATION
+    comparisons = [(f"{step}_{reward}", step, reward, seeds) for step, reward in order] + [
+        (f"{step}_{reward}_replication", step, reward, new_seeds) for (step, reward), new_seeds in replications.items()]
     jobs = {(f"{name}/{arm}", seed): (steps[step] + REGIME_REWARDS[reward] + ARMS[arm], 1000, 10)
             for name, step, reward, its_seeds in comparisons for seed in its_seeds for arm in ("op_grpo", "flow_grpo")}
     folders = run(jobs)
