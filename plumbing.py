@@ -37,6 +37,7 @@ LIMITS = [
     ("group_size", "at least 2 (advantages compare images within a group)", lambda v: v >= 2),
     ("num_steps", "at least 2", lambda v: v >= 2),
     ("off_policy_fraction", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("ema_decay", "in [0, 1) (0 = no average)", lambda v: 0 <= v < 1),
     ("noise_level", "positive (0 is the deterministic ODE, which has no log-prob)", lambda v: v > 0),
     ("guidance_scale", "at least 1 (1 disables guidance)", lambda v: v >= 1),
     ("checkpoint_every", "non-negative (0 = only at the end and on a signal)", lambda v: v >= 0),
@@ -551,13 +552,64 @@ def read_checkpoint(folder: str, verify: bool = True) -> dict:
     return saved
 
 
+class WeightAverage:
+    """Flow-GRPO's EMA of the trainable weights (its train_sd3.py: decay 0.9, every 8th optimizer step), evaluated and
+    saved in their place while training goes on with the weights themselves. It runs as the optimizer's step hook:
+    after optimizer step s (counted from 1) with s + 1 a multiple of `every`, average <- average + (1 - d)(weights -
+    average), d = min(decay, (1 + s) / (10 + s)), Flow-GRPO's warm-up of the decay (0.47 at step 7, 0.9 from step
+    80). decay 0: no average; evaluation and saving use the weights."""
+
+    def __init__(self, optimizer, decay: float, every: int = 8):
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.decay, self.every, self.steps = decay, every, 0
+        self.average = [p.detach().clone() for p in self.params] if decay else []
+        optimizer.register_step_post_hook(self.step)
+
+    @torch.no_grad()
+    def step(self, *_) -> None:
+        self.steps += 1
+        if self.decay and (self.steps + 1) % self.every == 0:
+            d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+            for average, weight in zip(self.average, self.params, strict=True):
+                average.lerp_(weight.detach(), 1 - d)
+
+    @contextlib.contextmanager
+    def in_place(self):
+        """The average in the weights' place for the duration of the block; the weights back after it, error or not."""
+        if not self.decay:
+            yield
+            return
+        trained = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for weight, average in zip(self.params, self.average, strict=True):
+                weight.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for weight, kept in zip(self.params, trained, strict=True):
+                    weight.copy_(kept)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "average": [a.cpu() for a in self.average]}
+
+    @torch.no_grad()
+    def load_state_dict(self, saved: dict | None) -> None:
+        """From a checkpoint; one written without an average (None, or --ema-decay 0 then) restarts it at the weights."""
+        self.steps = saved["steps"] if saved else 0
+        kept = saved["average"] if saved and len(saved["average"]) == len(self.average) else self.params
+        for average, value in zip(self.average, kept, strict=True):
+            average.copy_(value.detach())
+
+
 class RunState:
     """Everything --resume needs, in one checkpoint dict: trainable weights, AdamW and warm-up, the buffer, all random
     streams (prompts, noise and minibatches, torch's global), the iteration, the metrics so far and the baseline
     evaluation. Rank 0 writes it; every rank holds the same state."""
 
-    def __init__(self, args, transformer, optimizer, scheduler, buffer, rng, generator, processes):
+    def __init__(self, args, transformer, optimizer, scheduler, buffer, rng, generator, processes, average):
         self.args, self.transformer, self.optimizer, self.scheduler = args, transformer, optimizer, scheduler
+        self.average = average  # a WeightAverage
         self.buffer, self.rng, self.generator, self.processes = buffer, rng, generator, processes
         self.history, self.baseline = [], None
 
@@ -573,6 +625,7 @@ class RunState:
                 save_checkpoint(self.args.output_dir, self.transformer, {
                     "iteration": next_iteration, "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "buffer": self.buffer.state_dict(),
+                    "average": self.average.state_dict(),
                     "rng": rng_states or self.rng_states(), "history": self.history, "baseline": self.baseline})
         finally:
             CHANGING[0] = changing
@@ -585,6 +638,7 @@ class RunState:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.buffer.load_state_dict(saved["buffer"])
+        self.average.load_state_dict(saved.get("average"))
         self.rng.setstate(saved["rng"]["python"])
         self.generator.set_state(saved["rng"]["generator"])
         torch.set_rng_state(saved["rng"]["torch"])
@@ -966,6 +1020,7 @@ def report_results(args, state, sets: dict, mix, images: dict, logger, score, tr
     (before_after_strips if video else before_after_grid)([p for _, p in picks], before_pictures, after, grid_path,
                                                           score, title=title)
     weights = "lora" if args.lora_rank else "transformer"
-    save_weights(transformer, args, os.path.join(args.output_dir, weights), pipeline)
+    with state.average.in_place():  # the weights that were evaluated: their EMA, if --ema-decay
+        save_weights(transformer, args, os.path.join(args.output_dir, weights), pipeline)
     logger.finish(grid_path)
     print(f"results in {args.output_dir}/: metrics.jsonl, before_after.png, {weights}/, {CHECKPOINT}")

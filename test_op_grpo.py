@@ -186,11 +186,12 @@ def test_sd3_kl_matches_flow_grpo_recipe():
 
 
 def test_sd3_presets_match_flow_grpo_pickscore_config():
-    """Flow-GRPO's config/grpo.py (pickscore_sd3 over base.get_config), transcribed: what the sd3 preset shares with
-    it. What differs (batch, advantage std, EMA, weight decay, warm-up, fp16) is listed in the README and RESULTS.md ("Recipe notes")."""
+    """Flow-GRPO's config/grpo.py (pickscore_sd3 over base.get_config) and train_sd3.py's EMA (decay 0.9, every 8
+    optimizer steps), transcribed: what the sd3 preset shares with it. What differs (batch, advantage std, weight decay,
+    warm-up, fp16) is listed in the README and RESULTS.md ("Recipe notes")."""
     flow_grpo = dict(num_steps=10, eval_steps=40, guidance_scale=4.5, resolution=512, noise_level=0.7,
                      learning_rate=3e-4, clip_range=1e-4, adv_clip=5.0, kl_beta=0.01, kl_form="flow_grpo",
-                     max_grad_norm=1.0, lora_rank=32, lora_alpha=64, updates_per_batch=2, train_steps=9)
+                     max_grad_norm=1.0, lora_rank=32, lora_alpha=64, updates_per_batch=2, train_steps=9, ema_decay=0.9)
     sd3 = op_grpo.with_presets(Args(model="sd3"))
     ours = {k: getattr(sd3, k) for k in flow_grpo}
     ours.update(lora_alpha=sd3.lora_alpha or 2 * sd3.lora_rank, train_steps=sd3.train_steps or sd3.num_steps - 1)
@@ -200,11 +201,12 @@ def test_sd3_presets_match_flow_grpo_pickscore_config():
 def test_wan_presets_match_flow_grpo_wan_config():
     """Flow-GRPO's general_ocr_wan2_1 (config/grpo.py over base.get_config) and its train_wan2_1.py, transcribed: the
     KL is the exact one there (its penalty divides by (s_sigma sqrt|dt|)^2); 2 optimizer steps per epoch of 2
-    sampling batches. What differs (batch, EMA, its per-step loss scale s_sigma / sqrt|dt|) is in the README and RESULTS.md ("Recipe notes")."""
+    sampling batches; the EMA of decay 0.9 every 8 steps. What differs (batch, its per-step loss scale
+    s_sigma / sqrt|dt|) is in the README and RESULTS.md ("Recipe notes")."""
     flow_grpo = dict(num_steps=20, eval_steps=50, guidance_scale=4.5, resolution=240, width=416, num_frames=33,
                      group_size=4, noise_level=0.7, learning_rate=1e-4, clip_range=1e-3, adv_clip=5.0, kl_beta=0.004,
                      kl_form="exact", max_grad_norm=1.0, lora_rank=32, lora_alpha=64, updates_per_batch=2,
-                     train_steps=19, max_sequence_length=512, mixed_precision="bf16", reward_every=4)
+                     train_steps=19, max_sequence_length=512, mixed_precision="bf16", reward_every=4, ema_decay=0.9)
     wan = op_grpo.with_presets(Args(model="wan"))
     ours = {k: getattr(wan, k) for k in flow_grpo}
     ours.update(lora_alpha=wan.lora_alpha or 2 * wan.lora_rank, train_steps=wan.train_steps or wan.num_steps - 1)
@@ -509,6 +511,7 @@ def test_cli_parses_the_documented_flags():
         (["--group-size", "1"], "--group-size"),
         (["--off-policy-fraction", "1.0"], "--off-policy-fraction"),
         (["--off-policy-fraction", "-0.1"], "--off-policy-fraction"),
+        (["--ema-decay", "1"], "--ema-decay"),
         (["--truncate-steps", "10"], "--truncate-steps"),
         (["--num-steps", "1", "--truncate-steps", "0"], "--num-steps"),
         (["--updates-per-batch", "1000"], "--updates-per-batch"),
@@ -901,6 +904,58 @@ def test_resume_inside_a_windowed_run_is_bit_identical(tmp_path):
     assert any(r.get("replayed_groups") for r in straight) and "is_weight_mean" in straight[-1]
     per_step = straight[-1]["log_ratio_old_behavior_per_step"]  # only the stored windows' steps have a ratio
     assert per_step[-1] is None and any(v is not None for v in per_step[:5])
+
+
+def test_weight_average_is_flow_grpos_ema_in_closed_form():
+    """The weight jumps from 0 to 1 at the first optimizer step and stays: the average is 1 - prod(d_s) over Flow-GRPO's
+    update steps s (s + 1 a multiple of 8, d_s = min(0.9, (1 + s) / (10 + s))); with --ema-decay 0 there is none."""
+    weight = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    average = plumbing.WeightAverage(optimizer, 0.9)
+    remaining = 1.0  # prod(d_s) so far
+    for s in range(1, 101):
+        weight.grad = weight.detach() - 1.0  # one SGD step of lr 1: the weight becomes 1
+        optimizer.step()
+        if (s + 1) % 8 == 0:
+            remaining *= min(0.9, (1 + s) / (10 + s))
+        torch.testing.assert_close(average.average[0], torch.full((3,), 1.0 - remaining), rtol=0, atol=1e-6)
+    assert average.steps == 100 and 0.05 < remaining < 0.06  # 12 updates: the average is near, not at, the weights
+    none = plumbing.WeightAverage(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=1.0), 0.0)
+    assert none.average == [] and none.state_dict() == {"steps": 0, "average": []}
+
+
+def test_weight_average_stands_in_for_the_weights_and_gives_them_back_after_an_error():
+    weight = torch.nn.Parameter(torch.tensor([2.0, 4.0]))
+    average = plumbing.WeightAverage(torch.optim.SGD([weight], lr=1.0), 0.9)
+    average.average[0].copy_(torch.tensor([1.0, 1.0]))
+    with average.in_place():
+        assert weight.tolist() == [1.0, 1.0]
+    assert weight.tolist() == [2.0, 4.0]
+    with pytest.raises(RuntimeError), average.in_place():
+        raise RuntimeError("an evaluation that fails")
+    assert weight.tolist() == [2.0, 4.0] and average.average[0].tolist() == [1.0, 1.0]
+    plain = plumbing.WeightAverage(torch.optim.SGD([weight], lr=1.0), 0.0)
+    with plain.in_place():
+        assert weight.tolist() == [2.0, 4.0]
+
+
+def test_ema_run_evaluates_and_saves_the_average_and_resumes_bit_identically(tmp_path):
+    """4 optimizer steps an iteration: the average moves at steps 7 and 15 (iterations 2 and 4). The saved weights
+    are the average from the checkpoint, not the trained weights; two + resume + two equals four."""
+    flags = dict(ema_decay=0.9, updates_per_batch=4)
+    straight = op_grpo.main(short_run(tmp_path, "straight", **flags))
+    op_grpo.main(short_run(tmp_path, "halves", iterations=2, **flags))
+    assert torch.load(tmp_path / "halves" / plumbing.CHECKPOINT, weights_only=True)["average"]["steps"] == 8
+    resumed = op_grpo.main(op_grpo.parse_cli(["--resume", str(tmp_path / "halves"), "--iterations", "4"]))
+    assert without_timings(resumed) == without_timings(straight)
+    from safetensors.torch import load_file
+
+    saved = torch.load(tmp_path / "straight" / plumbing.CHECKPOINT, weights_only=True)
+    names = list(saved["trainable"])  # the optimizer's parameters: the transformer's trainable ones, in order
+    weights = load_file(tmp_path / "straight" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert saved["average"]["steps"] == 16 and len(saved["average"]["average"]) == len(names)
+    assert all(torch.equal(weights[n], a) for n, a in zip(names, saved["average"]["average"]))
+    assert any(not torch.equal(weights[n], saved["trainable"][n]) for n in names)
 
 
 @pytest.mark.parametrize("signum, code, times", [(signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 1), (signal.SIGINT, 130, 2)])
@@ -1310,8 +1365,8 @@ def test_sd3_path_run_saves_a_lora_that_load_lora_weights_reproduces(tmp_path):
     prompt_file.write_text("# three prompts\na red circle\n\ntwo blue squares\na green triangle above a yellow circle\n")
     args = sd3_path_args(tmp_path, prompt_file=str(prompt_file), reward="jpeg",
                          guidance_scale=2.0, iterations=2, prompts_per_iteration=4, group_size=2, micro_batch=3,
-                         off_policy_fraction=0.5, eval_every=2, eval_per_family=4)
-    rows = op_grpo.main(args)
+                         off_policy_fraction=0.5, eval_every=2, eval_per_family=4, ema_decay=0.0)  # the EMA's own test:
+    rows = op_grpo.main(args)  # test_ema_run_evaluates_and_saves_the_average_and_resumes_bit_identically
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows) and "eval/prompts" in rows[-1]
     saved = torch.load(tmp_path / "run" / plumbing.CHECKPOINT, weights_only=True)
 
@@ -1457,9 +1512,9 @@ def test_cps_marginals_on_gaussian_toy_flows_against_their_closed_form():
 def test_sd3_tasks_match_flow_grpo_configs():
     """Flow-GRPO's config/grpo.py transcribed (over base.get_config): general_ocr_sd3, geneval_sd3, pickscore_sd3
     and Flow-GRPO-Fast's geneval_sd3_fast_nocfg, pickscore_sd3_fast_nocfg; what one GPU cannot share (48 groups
-    per epoch on 32 GPUs, EMA, global std) is in RESULTS.md ("Recipe notes")."""
+    per epoch on 32 GPUs, global std) is in RESULTS.md ("Recipe notes"). Every one sets train.ema (decay 0.9)."""
     shared = dict(num_steps=10, eval_steps=40, resolution=512, learning_rate=3e-4, adv_clip=5.0, max_grad_norm=1.0,
-                  lora_rank=32, lora_alpha=64, updates_per_batch=2, max_sequence_length=128)
+                  lora_rank=32, lora_alpha=64, updates_per_batch=2, max_sequence_length=128, ema_decay=0.9)
     slow = dict(shared, guidance_scale=4.5, noise_level=0.7, clip_range=1e-4, sde_type="sde", sde_window=0,
                 train_steps=9, group_size=24)  # train_steps: int(timestep_fraction 0.99 x 10)
     fast = dict(shared, guidance_scale=1.0, noise_level=0.8, clip_range=1e-5, kl_beta=0.0, sde_type="cps",
@@ -2483,7 +2538,7 @@ def wan_args(folder, tmp_path, **overrides):
                     mixed_precision="no", lora_rank=4, micro_batch=0, num_steps=6, prompt_file=str(prompts),
                     reward="jpeg", iterations=4, prompts_per_iteration=2, group_size=2, off_policy_fraction=0.5,
                     truncate_steps=2, guidance_scale=2.0, eval_every=2, eval_per_family=2, eval_steps=4,
-                    checkpoint_every=0, output_dir=str(tmp_path / "run"), seed=0)
+                    checkpoint_every=0, output_dir=str(tmp_path / "run"), seed=0, ema_decay=0.0)  # saved = trained
     return op_grpo.with_presets(Args(**{**settings, **overrides}))
 
 
