@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import time
@@ -467,10 +468,15 @@ def run_archived(name: str, seed: int, flags: list[str], args: BenchArgs, archiv
     digest = hashlib.sha1(" ".join(f.replace(HERE + os.sep, "") for f in flags).encode()).hexdigest()[:8]
     stored = os.path.join(archive, f"{folder}_{digest}.jsonl.gz")
     rows_path = os.path.join(args.output_dir, folder, "metrics.jsonl")
+    # a run timed whole (the demo's) keeps its process seconds beside it
+    timed = (stored.removesuffix(".jsonl.gz") + ".process_seconds.txt", os.path.join(os.path.dirname(rows_path),
+                                                                                      "process_seconds.txt"))
     if not args.quick and os.path.exists(stored) and not os.path.exists(rows_path):
         os.makedirs(os.path.dirname(rows_path), exist_ok=True)
         with gzip.open(stored, "rt") as f, open(rows_path, "w") as out:
             out.write(f.read())
+        if os.path.exists(timed[0]):
+            shutil.copyfile(*timed)
     if args.made_only and not finished(os.path.dirname(rows_path), args):
         return None
     done = run_one(folder.rsplit("_seed", 1)[0], seed, flags, args)
@@ -478,6 +484,8 @@ def run_archived(name: str, seed: int, flags: list[str], args: BenchArgs, archiv
         os.makedirs(archive, exist_ok=True)
         with open(rows_path) as f, gzip.open(stored, "wt") as out:
             out.write(f.read())
+        if os.path.exists(timed[1]):
+            shutil.copyfile(*reversed(timed))
     return done
 
 
@@ -693,7 +701,7 @@ def window_summary(folders: dict) -> dict:
         rows = load_rows(folder)
         c, wall = curve(rows), sum(v for r in rows for k, v in r.items() if k.startswith("time/"))
         with contextlib.suppress(OSError), open(os.path.join(folder, "process_seconds.txt")) as f:
-            c["process_seconds"] = float(f.read())  # absent for a run restored from the archive
+            c["process_seconds"] = float(f.read())  # only a run timed whole (the demo's) has it
         runs[f"{name}_seed{seed}"] = {"name": name, "seed": seed, **c, "wall_seconds": wall,
                                       "train_seconds_per_iteration": c["train_seconds"][-1] / len(rows),
                                       "change_per_minute": c["final_change"] / (wall / 60)}
@@ -756,7 +764,10 @@ DEMO_SWEEP = {
 DEMO_FOLLOW_UP = {"w3_lr3e-5_500": (["--sde-window", "3", "--learning-rate", "3e-5", *NO_KL], 500),
                   # the third candidate ("A third candidate: groups of 24"): the regime study's G24 recipe, 500 its
                   "G24_500": (["--sde-window", "2", "--learning-rate", "3e-5", "--group-size", "24",
-                               "--prompts-per-iteration", "3"], 500)}
+                               "--prompts-per-iteration", "3"], 500),
+                  # the fourth ("A fourth candidate"): the third with Flow-GRPO's EMA of the weights
+                  "G24_500_ema": (["--sde-window", "2", "--learning-rate", "3e-5", "--group-size", "24",
+                                   "--prompts-per-iteration", "3", "--ema-decay", "0.9"], 500)}
 
 
 def run_demo(args: BenchArgs) -> dict:
