@@ -2214,13 +2214,16 @@ def test_study_runs_are_archived_when_finished_and_restored_instead_of_rerun(tmp
             (tmp_path / "ran").write_text("yes")
             with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
                 f.writelines(json.dumps({"iteration": i, "eval_reward": 0.5}) + "\n" for i in range(args.iterations))
+            with open(os.path.join(folder, "process_seconds.txt"), "w") as f:  # as run_one times the process
+                f.write("123.4\n")
         return folder
 
     monkeypatch.setattr(benchmark, "run_one", fake_run_one)
     args = benchmark.BenchArgs(iterations=3, output_dir=str(tmp_path / "runs"))
     archive = str(tmp_path / "archive")
     benchmark.run_archived("A/flow_grpo", 0, ["--x"], args, archive)
-    (stored,) = (tmp_path / "archive").iterdir()
+    stored, seconds = sorted((tmp_path / "archive").iterdir())
+    assert seconds.name == stored.name.replace(".jsonl.gz", ".process_seconds.txt") and seconds.read_text() == "123.4\n"
     assert stored.name.startswith("A_flow_grpo_seed0_") and stored.name.endswith(".jsonl.gz")
     assert calls == [("A_flow_grpo", 0, ["--x"])] and (tmp_path / "ran").exists()
     written = (tmp_path / "runs" / "A_flow_grpo_seed0" / "metrics.jsonl").read_text()
@@ -2232,9 +2235,10 @@ def test_study_runs_are_archived_when_finished_and_restored_instead_of_rerun(tmp
     benchmark.run_archived("A/flow_grpo", 0, ["--x"], args, archive)
     assert not (tmp_path / "ran").exists()  # restored, not run again
     assert (tmp_path / "runs" / "A_flow_grpo_seed0" / "metrics.jsonl").read_text() == written
+    assert (tmp_path / "runs" / "A_flow_grpo_seed0" / "process_seconds.txt").read_text() == "123.4\n"  # kept too
     shutil.rmtree(tmp_path / "runs")  # other flags (a tuned baseline) are another run: not restored, run again
     benchmark.run_archived("A/flow_grpo", 0, ["--x", "--learning-rate", "2e-4"], args, archive)
-    assert (tmp_path / "ran").exists() and len(list((tmp_path / "archive").iterdir())) == 2
+    assert (tmp_path / "ran").exists() and len(list((tmp_path / "archive").iterdir())) == 4
     shutil.rmtree(tmp_path / "runs")
     (tmp_path / "ran").unlink()
     made_only = benchmark.BenchArgs(iterations=3, output_dir=str(tmp_path / "runs"), made_only=True)
