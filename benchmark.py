@@ -461,22 +461,22 @@ def chosen_tuning(default_change: float, step_changes: dict[str, float]) -> str 
 
 def run_archived(name: str, seed: int, flags: list[str], args: BenchArgs, archive: str = STUDY_ARCHIVE) -> str:
     """run_one for the study, with an archive that outlives the machine: a finished run is restored from
-    <archive>/<run>_<flags digest>.jsonl.gz when its folder lacks metrics, and archived there once finished (not in
-    --quick). A folder that already holds a finished run is reused as run_one does, whatever its flags."""
+    <archive>/<run>_<flags digest>.jsonl.gz (and its process seconds) when its folder lacks metrics, and archived
+    there once finished (not in --quick). A folder that already holds a finished run is reused as run_one does,
+    whatever its flags."""
     folder = f"{name.replace('/', '_')}_seed{seed}"
     # the archive name carries a digest of the flags (paths relative to this folder): other flags, another run
     digest = hashlib.sha1(" ".join(f.replace(HERE + os.sep, "") for f in flags).encode()).hexdigest()[:8]
     stored = os.path.join(archive, f"{folder}_{digest}.jsonl.gz")
     rows_path = os.path.join(args.output_dir, folder, "metrics.jsonl")
-    # a run timed whole (the demo's) keeps its process seconds beside it
-    timed = (stored.removesuffix(".jsonl.gz") + ".process_seconds.txt", os.path.join(os.path.dirname(rows_path),
-                                                                                      "process_seconds.txt"))
+    seconds = stored.removesuffix(".jsonl.gz") + ".process_seconds.txt"  # run_one's timing of the whole process
+    seconds_path = os.path.join(os.path.dirname(rows_path), "process_seconds.txt")
     if not args.quick and os.path.exists(stored) and not os.path.exists(rows_path):
         os.makedirs(os.path.dirname(rows_path), exist_ok=True)
         with gzip.open(stored, "rt") as f, open(rows_path, "w") as out:
             out.write(f.read())
-        if os.path.exists(timed[0]):
-            shutil.copyfile(*timed)
+        if os.path.exists(seconds):
+            shutil.copyfile(seconds, seconds_path)
     if args.made_only and not finished(os.path.dirname(rows_path), args):
         return None
     done = run_one(folder.rsplit("_seed", 1)[0], seed, flags, args)
@@ -484,8 +484,8 @@ def run_archived(name: str, seed: int, flags: list[str], args: BenchArgs, archiv
         os.makedirs(archive, exist_ok=True)
         with open(rows_path) as f, gzip.open(stored, "wt") as out:
             out.write(f.read())
-        if os.path.exists(timed[1]):
-            shutil.copyfile(*reversed(timed))
+        if os.path.exists(seconds_path):
+            shutil.copyfile(seconds_path, seconds)
     return done
 
 
@@ -701,7 +701,7 @@ def window_summary(folders: dict) -> dict:
         rows = load_rows(folder)
         c, wall = curve(rows), sum(v for r in rows for k, v in r.items() if k.startswith("time/"))
         with contextlib.suppress(OSError), open(os.path.join(folder, "process_seconds.txt")) as f:
-            c["process_seconds"] = float(f.read())  # only a run timed whole (the demo's) has it
+            c["process_seconds"] = float(f.read())  # absent if restored from an archive without it
         runs[f"{name}_seed{seed}"] = {"name": name, "seed": seed, **c, "wall_seconds": wall,
                                       "train_seconds_per_iteration": c["train_seconds"][-1] / len(rows),
                                       "change_per_minute": c["final_change"] / (wall / 60)}
