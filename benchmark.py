@@ -761,13 +761,11 @@ DEMO_SWEEP = {
 
 # The follow-up (RESULTS.md, "A follow-up: the window of 3 for 500 iterations", written before its runs): phase 1's
 # window of 3, stopped at 500 iterations, straight to phase 2's conditions (two threads alone, seeds 0-2, timed whole).
+# The third candidate ("A third candidate: groups of 24"): the regime study's G24 recipe, 500 iterations; the fourth
+# ("A fourth candidate"): the third with Flow-GRPO's EMA of the weights.
+DEMO_G24 = ["--sde-window", "2", "--learning-rate", "3e-5", "--group-size", "24", "--prompts-per-iteration", "3"]
 DEMO_FOLLOW_UP = {"w3_lr3e-5_500": (["--sde-window", "3", "--learning-rate", "3e-5", *NO_KL], 500),
-                  # the third candidate ("A third candidate: groups of 24"): the regime study's G24 recipe, 500 its
-                  "G24_500": (["--sde-window", "2", "--learning-rate", "3e-5", "--group-size", "24",
-                               "--prompts-per-iteration", "3"], 500),
-                  # the fourth ("A fourth candidate"): the third with Flow-GRPO's EMA of the weights
-                  "G24_500_ema": (["--sde-window", "2", "--learning-rate", "3e-5", "--group-size", "24",
-                                   "--prompts-per-iteration", "3", "--ema-decay", "0.9"], 500)}
+                  "G24_500": (DEMO_G24, 500), "G24_500_ema": ([*DEMO_G24, "--ema-decay", "0.9"], 500)}
 
 
 def run_demo(args: BenchArgs) -> dict:
