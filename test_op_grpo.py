@@ -2072,21 +2072,23 @@ def test_demo_sweep_runs_750_iterations_with_3_evaluations_and_times_phase_2_who
     import benchmark
 
     calls, change = [], {"w2_lr3e-5_kl": 0.19, "w2_lr3e-5": 0.10, "w3_lr3e-5": 0.18, "w2_lr5e-5": -0.05,
-                         "w3_lr3e-5_500": 0.13, "G24_500": 0.17, "G24_500_ema": 0.16}
+                         "w3_lr3e-5_500": 0.13, "G24_500": 0.17, "G24_500_ema": 0.16, "G24_500_ema95": 0.2}
 
     final = lambda name: change[name.removeprefix("demo_").removeprefix("default_")]  # noqa: E731
     fake_run_one = fake_runs(calls, final, timed=lambda name: "default_" in name)  # phase 2: also its process time
     monkeypatch.setattr(benchmark, "run_one", fake_run_one)
     monkeypatch.setattr(benchmark, "DEMO_ARCHIVE", str(tmp_path / "archive"))
     summary = benchmark.run_demo(benchmark.BenchArgs(output_dir=str(tmp_path / "runs"), parallel=1))
-    assert [c[3:] for c in calls] == [(750, 250)] * 7 + [(500, 250)] * 9 and summary["plot"] == "demo_curves.png"
-    assert summary["chosen"] == "w2_lr3e-5_kl" and [c[2][-1] for c in calls] == ["1"] * 4 + ["2"] * 12
+    assert [c[3:] for c in calls] == [(750, 250)] * 7 + [(500, 250)] * 12 and summary["plot"] == "demo_curves.png"
+    assert summary["chosen"] == "w2_lr3e-5_kl" and [c[2][-1] for c in calls] == ["1"] * 4 + ["2"] * 15
     follow_up = summary["phase3"]["default_w3_lr3e-5_500_seed1"]  # the follow-ups: their own flags, timed whole
     assert follow_up["final_change"] == 0.13 and follow_up["process_seconds"] == 590.5
     assert calls[9][2][:2] == ["--sde-window", "3"] and calls[9][2][-4:-2] == ["--kl-beta", "0"]
     assert summary["phase3"]["default_G24_500_seed2"]["final_change"] == 0.17
-    assert calls[-4][2][-6:-2] == ["--group-size", "24", "--prompts-per-iteration", "3"]
-    assert calls[-1][2][-4:-2] == ["--ema-decay", "0.9"]
+    assert calls[-7][2][-6:-2] == ["--group-size", "24", "--prompts-per-iteration", "3"]
+    assert calls[-4][2][-4:-2] == ["--ema-decay", "0.9"] and calls[-1][2][-4:-2] == ["--ema-decay", "0.95"]
+    assert [c[1] for c in calls[-3:]] == [3, 4, 5]  # the fifth candidate: fresh seeds
+    assert summary["phase3"]["default_G24_500_ema95_seed5"]["final_change"] == 0.2
     assert summary["phase3"]["default_G24_500_ema_seed0"]["final_change"] == 0.16
     assert "--kl-beta" not in calls[0][2] and calls[1][2][-4:-2] == ["--kl-beta", "0"]
     run = summary["phase2"]["default_w2_lr3e-5_kl_seed2"]
