@@ -113,11 +113,11 @@ class Args:
 
     # --- rollouts (Flow-GRPO Sec. 4: SDE sampling)
     iterations: int | None = None
-    """rollout-and-update iterations in all; with --resume the run's total, not a further count (tiny: 200, sd3: 500)"""
+    """rollout-and-update iterations in all; with --resume the run's total, not a further count (tiny, sd3: 500)"""
     prompts_per_iteration: int | None = None
-    """P: prompt slots per iteration, fresh or replayed (tiny: 8, sd3: 2)"""
+    """P: prompt slots per iteration, fresh or replayed (tiny: 3, sd3: 2)"""
     group_size: int | None = None
-    """G: images per prompt; advantages are normalised within each group (tiny: 8, sd3: 24 as Flow-GRPO)"""
+    """G: images per prompt; advantages are normalised within each group (tiny, sd3: 24 as Flow-GRPO)"""
     num_steps: int | None = None
     """K: SDE denoising steps per trajectory (Flow-GRPO: tiny, sd3: 10; wan: 20)"""
     noise_level: float | None = None
@@ -127,7 +127,7 @@ class Args:
     sigma_next sin(a pi / 2), log-prob -(x' - mu)^2 without its variance (the -fast tasks; others: sde)"""
     sde_window: int | None = None
     """L: only a window of L consecutive steps is stochastic, trained and replayed, ODE elsewhere (Flow-GRPO-Fast,
-    MixGRPO; Flow-GRPO-Fast's SD3: 3); 0 = every step stochastic (Flow-GRPO; every preset but the -fast tasks)"""
+    MixGRPO; Flow-GRPO-Fast's SD3: 3; tiny: 2); 0 = every step stochastic (Flow-GRPO; sd3, wan, tiny-video)"""
     sde_window_range: tuple[int, int] | None = None
     """[lo, hi) in which each iteration's window is drawn uniformly (None = (0, K // 2), Flow-GRPO-Fast's)"""
     guidance_scale: float | None = None
@@ -135,7 +135,7 @@ class Args:
 
     # --- the GRPO update (Eqs. 5-6)
     learning_rate: float | None = None
-    """AdamW learning rate (tiny: 1e-4, full fine-tuning; sd3: 3e-4, Flow-GRPO's LoRA rate)"""
+    """AdamW learning rate (tiny: 3e-5, full fine-tuning; sd3: 3e-4, Flow-GRPO's LoRA rate)"""
     warmup_iterations: int = 10
     """linear learning-rate warm-up over the first iterations (Adam's first steps are its largest); 0 = none"""
     updates_per_batch: int = 2
@@ -155,7 +155,7 @@ class Args:
     """gradient clipping"""
     ema_decay: float | None = None
     """an EMA of the weights, updated every 8th optimizer step, is evaluated and saved in their place (Flow-GRPO: 0.9,
-    as sd3 and wan); 0 = the weights themselves (tiny, tiny-video)"""
+    as sd3 and wan; tiny: 0.95, about the last 80 iterations); 0 = the weights themselves (tiny-video)"""
 
     # --- OP-GRPO (Secs. 4.1-4.3)
     off_policy_fraction: float = 0.25
@@ -176,7 +176,7 @@ class Args:
 
     # --- evaluation, logging, checkpoints
     eval_every: int | None = None
-    """evaluate every this many iterations, and before the first and after the last (tiny: 50, sd3: 50)"""
+    """evaluate every this many iterations, and before the first and after the last (tiny: 250, sd3: 50)"""
     eval_per_family: int | None = None
     """evaluation images per family and set (toy world; tiny: 128), or in all (prompt list; sd3: 32); fixed noise"""
     eval_steps: int | None = None
@@ -197,16 +197,16 @@ class Args:
     """consecutive iterations whose update is skipped for a NaN/inf before the run stops (with a checkpoint)"""
 
 
-# Defaults per --model for the flags left at None. tiny: the embedded model on 2 CPU cores. sd3: Flow-GRPO's SD3.5-M
-# recipe (config/grpo.py), 2 groups of 24 per iteration on one GPU, with a TASKS entry. wan: its general_ocr_wan2_1,
-# 16 videos per iteration on one GPU. test_*_match_flow_grpo_* check every value they share.
+# Defaults per --model for flags left at None: tiny for 2 CPU cores (RESULTS.md, "A fifth candidate"); sd3 and wan:
+# Flow-GRPO's config/grpo.py (+ a TASKS entry) and general_ocr_wan2_1, sized for one GPU (tests check each value).
 OCR_PROMPTS = os.path.join(HERE, "assets", "ocr_prompts.txt")
 SHARED = dict(noise_level=0.7, sde_type="sde", sde_window=0, ema_decay=0.0)  # every preset's unless it overrides
 PRESETS = {
     "tiny": dict(pretrained=os.path.join(HERE, "tiny_sd3"), reward="geneval", resolution=32, max_sequence_length=0,
-                 lora_rank=0, mixed_precision="no", micro_batch=0, iterations=200, prompts_per_iteration=8,
-                 group_size=8, num_steps=10, guidance_scale=1.0, learning_rate=1e-4, clip_range=2e-3, kl_beta=0.01,
-                 eval_every=50, eval_per_family=128, eval_steps=10, checkpoint_every=50, kl_form="exact"),
+                 lora_rank=0, mixed_precision="no", micro_batch=0, iterations=500, prompts_per_iteration=3,
+                 group_size=24, num_steps=10, guidance_scale=1.0, learning_rate=3e-5, clip_range=2e-3, kl_beta=0.01,
+                 eval_every=250, eval_per_family=128, eval_steps=10, checkpoint_every=50, kl_form="exact", sde_window=2,
+                 ema_decay=0.95),
     "sd3": dict(pretrained="stabilityai/stable-diffusion-3.5-medium", resolution=512, max_sequence_length=128,
                 lora_rank=32, mixed_precision="bf16", micro_batch=4, iterations=500, prompts_per_iteration=2,
                 group_size=24, num_steps=10, guidance_scale=4.5, learning_rate=3e-4, clip_range=1e-4, eval_every=50,

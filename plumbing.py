@@ -75,7 +75,8 @@ def check_settings(args, toy, builds: dict[str, str]) -> list[str]:
     elif args.sde_window and not wrong & {"num_steps", "sde_window"} and not fits:
         problems.append(f"--sde-window-range must hold the window of {args.sde_window} steps within [0, {K}], got "
                         f"{low} {high}")
-    elif args.sde_window and args.off_policy_fraction and high - args.sde_window >= K - args.truncate_steps:
+    elif (args.sde_window and args.off_policy_fraction and not wrong & {"num_steps", "sde_window", "truncate_steps"}
+          and high - args.sde_window >= K - args.truncate_steps):
         problems.append(f"--sde-window-range {low} {high} lets a window start in the last --truncate-steps "
                         f"{args.truncate_steps} steps, which replay drops, so a replayed trajectory could keep no step: "
                         f"end the range below {K - args.truncate_steps + args.sde_window}")
