@@ -781,7 +781,7 @@ def run_demo(args: BenchArgs) -> dict:
     summary = run_windows(args, DEMO_SWEEP, WINDOW_SEEDS, evaluations=3, prefix="demo", archive=DEMO_ARCHIVE)
     follow_up = {(f"default_{name}", s): window_job(f"default_{name}", s, flags, iterations, args, threads=2,
                                                       evaluations=2, prefix="demo", archive=DEMO_ARCHIVE)
-                 for name, (flags, iterations, *seeds) in DEMO_FOLLOW_UP.items() for s in (seeds or [WINDOW_SEEDS])[0]}
+                 for name, (flags, iterations, *seeds) in DEMO_FOLLOW_UP.items() for s in (seeds[0] if seeds else WINDOW_SEEDS)}
     return summary | {"plot": "demo_curves.png", "phase3": window_summary({k: f for k, f in follow_up.items() if f})}
 
 

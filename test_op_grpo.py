@@ -2098,6 +2098,23 @@ def test_demo_sweep_runs_750_iterations_with_3_evaluations_and_times_phase_2_who
     assert "process_seconds" not in summary["phase1"]["w3_lr3e-5_seed0"]
 
 
+def test_every_benchmark_run_starts_from_the_former_tiny_preset_and_its_own_flags_win(tmp_path, monkeypatch):
+    """The studies in RESULTS.md were run on the tiny preset before the demo's recipe became it: run_one puts that
+    preset's flags (TINY_BEFORE) first, so a run that names nothing gets the former settings, the golden run's."""
+    import benchmark
+
+    commands = []
+    monkeypatch.setattr(benchmark.subprocess, "run", lambda command, **_: commands.append(command))
+    args = benchmark.BenchArgs(output_dir=str(tmp_path), parallel=1)
+    benchmark.run_one("plain", 0, [], args)
+    benchmark.run_one("windowed", 0, ["--sde-window", "2", "--learning-rate", "3e-5"], args)
+    plain, windowed = (op_grpo.with_presets(op_grpo.parse_cli(c[2:])) for c in commands)
+    former = short_run(tmp_path, "former", prompts_per_iteration=8, group_size=8)
+    assert [(a.sde_window, a.learning_rate, a.ema_decay, a.prompts_per_iteration, a.group_size) for a in (plain, former)] \
+        == [(0, 1e-4, 0.0, 8, 8)] * 2
+    assert (windowed.sde_window, windowed.learning_rate, windowed.group_size, windowed.threads) == (2, 3e-5, 8, 1)
+
+
 def test_regime_study_pilots_lora_then_runs_the_chain_with_the_pilots_choice(tmp_path, monkeypatch):
     import benchmark
 
