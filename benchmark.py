@@ -844,7 +844,7 @@ SIDE_CONTRASTS = [("dense/flow_w2", "dense/flow_all"), ("dense/op_w2", "dense/fl
 # then at guidance 2, both with the image world's square read (box fill 0.84); the third with the video world's own
 # (0.9) at guidance 1.5, the preset since (RESULTS.md, "Video").
 VIDEO_ARCHIVE = os.path.join(HERE, "assets", "video_runs")
-VIDEO_STUDIES = {"video_g3": 3, "video_g2": 2, "video_fill_g1.5": 1.5}
+VIDEO_STUDIES = {"video_g3": 3, "video_g2": 2, "video_fill_g1.5": 1.5, "video_g1.25": 1.25}
 VIDEO_SIDE_BY_SIDE = {f"{study}/{arm}": (["--model", "tiny-video", "--guidance-scale", str(g), *ARMS[arm]], 100, 10)
                       for study, g in VIDEO_STUDIES.items() for arm in ("op_grpo", "flow_grpo")}
 VIDEO_CONTRASTS = [(f"{study}/op_grpo", f"{study}/flow_grpo") for study in VIDEO_STUDIES]

@@ -131,7 +131,7 @@ class Args:
     sde_window_range: tuple[int, int] | None = None
     """[lo, hi) in which each iteration's window is drawn uniformly (None = (0, K // 2), Flow-GRPO-Fast's)"""
     guidance_scale: float | None = None
-    """classifier-free guidance in rollouts, update and evaluation; 1 = none (tiny: 1; sd3: 4.5; tiny-video: 1.5)"""
+    """classifier-free guidance in rollouts, update and evaluation; 1 = none (tiny: 1; sd3: 4.5; tiny-video: 1.25)"""
 
     # --- the GRPO update (Eqs. 5-6)
     learning_rate: float | None = None
@@ -219,7 +219,7 @@ PRESETS = {
     "tiny-video": dict(pretrained=os.path.join(HERE, "tiny_wan"), reward="motion", resolution=toy_video.SIZE,
                        num_frames=toy_video.FRAMES, max_sequence_length=toy_video.TOKENS, lora_rank=0,
                        mixed_precision="no", micro_batch=0, iterations=100, prompts_per_iteration=8, group_size=8,
-                       num_steps=10, guidance_scale=1.5, learning_rate=1e-4, clip_range=2e-3, kl_beta=0.01,
+                       num_steps=10, guidance_scale=1.25, learning_rate=1e-4, clip_range=2e-3, kl_beta=0.01,
                        eval_every=25, eval_per_family=64, eval_steps=10, checkpoint_every=25, kl_form="exact"),
 }
 # --model sd3 --task: Flow-GRPO's configs (config/grpo.py), each value one GPU can share. Fast: Flow-GRPO-Fast's

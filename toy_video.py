@@ -16,7 +16,7 @@ per-frame segmentation, and asks questions only a video can answer:
 The saved model loads with the stock pipeline:
 
     pipe = WanPipeline.from_pretrained("tiny_wan", local_files_only=True)
-    frames = pipe("a red circle moving left", num_inference_steps=10, guidance_scale=1.5, height=32, width=32,
+    frames = pipe("a red circle moving left", num_inference_steps=10, guidance_scale=1.25, height=32, width=32,
                   num_frames=FRAMES, max_sequence_length=TOKENS).frames[0]
 """
 
@@ -274,7 +274,7 @@ class BuildArgs:
     """Wan transformer (and UMT5 encoder) flow-matching steps (batch 32)"""
     eval_per_family: int = 64
     """videos per family and per prompt set (train / held-out) for the base model's report"""
-    guidance_scale: float = 1.5
+    guidance_scale: float = 1.25
     """classifier-free guidance of the report's and the sample strip's videos (--model tiny-video's preset; 10% of
     captions are dropped in training, so any scale works)"""
     num_layers: int = 4
