@@ -2150,7 +2150,11 @@ def test_regime_study_pilots_lora_then_runs_the_chain_with_the_pilots_choice(tmp
 def test_video_preset_study_reads_the_preset_guidance_study_and_calls_a_rise_at_two_se_over_seeds(monkeypatch):
     import benchmark
 
-    assert benchmark.VIDEO_STUDIES["video_g1.25"] == op_grpo.PRESETS["tiny-video"]["guidance_scale"]
+    flags = benchmark.VIDEO_STUDIES[benchmark.VIDEO_PRESET_STUDY]
+    preset = {**op_grpo.SHARED, **op_grpo.PRESETS["tiny-video"]}
+    given = dict(zip(flags[::2], flags[1::2]))
+    assert float(given.pop("--guidance-scale")) == preset["guidance_scale"]
+    assert int(given.pop("--sde-window", 0)) == preset["sde_window"] and not given
     changes = {"op_grpo": [0.05, 0.06, 0.07], "flow_grpo": [-0.02, 0.03, 0.08]}  # OP: 0.06 +- 0.0058; Flow: 0.03 +- 0.029
     runs = {f"s/{arm}_seed{seed}": {"name": f"s/{arm}", "seed": seed, "final_change": c, "final_change_se": 0.03,
                                     "eval_reward": [0.4, 0.4 + c], "train_seconds_per_iteration": 10.0,
