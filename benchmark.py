@@ -842,11 +842,13 @@ SIDE_CONTRASTS = [("dense/flow_w2", "dense/flow_all"), ("dense/op_w2", "dense/fl
 # tiny Wan model from tiny_wan/ (built by `python toy_video.py`).
 # The studies, each at its flags: guidance 3 (the tiny Wan's best samples, where neither arm learned), then guidance 2,
 # both with the image world's square read (box fill 0.84); then the video world's own read (0.9) at guidance 1.5 and
-# at 1.25 (Flow-GRPO rose); the fifth trains a window of 2 of the 10 steps at 1.25 (RESULTS.md, "Video").
+# at 1.25 (Flow-GRPO rose); the fifth trains a window of 2 of the 10 steps at 1.25, the sixth samples 4 prompts
+# an iteration, not 8 (RESULTS.md, "Video").
 VIDEO_ARCHIVE = os.path.join(HERE, "assets", "video_runs")
 VIDEO_STUDIES = {"video_g3": ["--guidance-scale", "3"], "video_g2": ["--guidance-scale", "2"],
                  "video_fill_g1.5": ["--guidance-scale", "1.5"], "video_g1.25": ["--guidance-scale", "1.25"],
-                 "video_g1.25_w2": ["--guidance-scale", "1.25", "--sde-window", "2"]}
+                 "video_g1.25_w2": ["--guidance-scale", "1.25", "--sde-window", "2"],
+                 "video_g1.25_p4": ["--guidance-scale", "1.25", "--prompts-per-iteration", "4"]}
 VIDEO_PRESET_STUDY = "video_g1.25"  # the study run with the flags of today's --model tiny-video preset
 VIDEO_SIDE_BY_SIDE = {f"{study}/{arm}": (["--model", "tiny-video", *flags, *ARMS[arm]], 100, 10)
                       for study, flags in VIDEO_STUDIES.items() for arm in ("op_grpo", "flow_grpo")}
