@@ -115,7 +115,8 @@ def finished(folder: str, args: BenchArgs) -> bool:
 
 
 # The tiny preset until the fifth demo candidate became it (RESULTS.md): every study here was designed and run on it,
-# so each run starts from it and its own flags change what they name (tiny-video's preset has the same values).
+# so each run starts from it and its own flags change what they name (tiny-video's preset has the same values but 4
+# prompts an iteration: its studies ran at 8 unless their flags say 4).
 TINY_BEFORE = ["--sde-window", "0", "--learning-rate", "1e-4", "--group-size", "8", "--prompts-per-iteration", "8",
                "--ema-decay", "0"]
 
@@ -849,7 +850,7 @@ VIDEO_STUDIES = {"video_g3": ["--guidance-scale", "3"], "video_g2": ["--guidance
                  "video_fill_g1.5": ["--guidance-scale", "1.5"], "video_g1.25": ["--guidance-scale", "1.25"],
                  "video_g1.25_w2": ["--guidance-scale", "1.25", "--sde-window", "2"],
                  "video_g1.25_p4": ["--guidance-scale", "1.25", "--prompts-per-iteration", "4"]}
-VIDEO_PRESET_STUDY = "video_g1.25"  # the study run with the flags of today's --model tiny-video preset
+VIDEO_PRESET_STUDY = "video_g1.25_p4"  # the study run with the flags of today's --model tiny-video preset
 VIDEO_SIDE_BY_SIDE = {f"{study}/{arm}": (["--model", "tiny-video", *flags, *ARMS[arm]], 100, 10)
                       for study, flags in VIDEO_STUDIES.items() for arm in ("op_grpo", "flow_grpo")}
 VIDEO_CONTRASTS = [(f"{study}/op_grpo", f"{study}/flow_grpo") for study in VIDEO_STUDIES]

@@ -218,7 +218,7 @@ PRESETS = {
                 eval_per_family=16, eval_steps=50, checkpoint_every=25, kl_form="exact", ema_decay=0.9),
     "tiny-video": dict(pretrained=os.path.join(HERE, "tiny_wan"), reward="motion", resolution=toy_video.SIZE,
                        num_frames=toy_video.FRAMES, max_sequence_length=toy_video.TOKENS, lora_rank=0,
-                       mixed_precision="no", micro_batch=0, iterations=100, prompts_per_iteration=8, group_size=8,
+                       mixed_precision="no", micro_batch=0, iterations=100, prompts_per_iteration=4, group_size=8,
                        num_steps=10, guidance_scale=1.25, learning_rate=1e-4, clip_range=2e-3, kl_beta=0.01,
                        eval_every=25, eval_per_family=64, eval_steps=10, checkpoint_every=25, kl_form="exact"),
 }

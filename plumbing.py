@@ -369,7 +369,8 @@ def batch_arithmetic(args, world: int) -> str:
               "elsewhere" if args.sde_window else "")
     trained = args.train_steps or K - 1
     steps = f"the window's steps among the first {trained}" if args.sde_window else f"the first {trained} steps"
-    return (f"batch: {P} prompts x {G} images = {P * G} trajectories of {K} steps per iteration{window}; {replay}; "
+    samples = "videos" if args.model in ("wan", "tiny-video") else "images"
+    return (f"batch: {P} prompts x {G} {samples} = {P * G} trajectories of {K} steps per iteration{window}; {replay}; "
             f"{updates} update{'s' * (updates != 1)} of {P * G // updates} samples on {steps}"
             + (f", {args.micro_batch} per pass" if args.micro_batch else "")
             + (f"; {world} processes, whole groups each" if world > 1 else ""))

@@ -1098,7 +1098,8 @@ def test_video_before_after_strips_show_every_frame_of_both_videos_and_score_who
 def test_start_up_line_and_before_after_grid_labels_and_title(tmp_path):
     line = plumbing.batch_arithmetic(op_grpo.with_presets(Args(off_policy_fraction=0.125, prompts_per_iteration=8,
                                                                group_size=8)), 1)
-    assert "1 replayed group on average" in line and "2 updates of 32 samples" in line
+    assert "8 prompts x 8 images" in line and "1 replayed group on average" in line and "2 updates of 32 samples" in line
+    assert "4 prompts x 8 videos" in plumbing.batch_arithmetic(op_grpo.with_presets(Args(model="tiny-video")), 1)
     assert "no replay (on-policy Flow-GRPO)" in plumbing.batch_arithmetic(op_grpo.with_presets(Args(off_policy_fraction=0)), 1)
     white, red = Image.new("RGB", (32, 32), "white"), Image.new("RGB", (32, 32), "red")
     path = str(tmp_path / "grid.png")
@@ -2150,11 +2151,11 @@ def test_regime_study_pilots_lora_then_runs_the_chain_with_the_pilots_choice(tmp
 def test_video_preset_study_reads_the_preset_guidance_study_and_calls_a_rise_at_two_se_over_seeds(monkeypatch):
     import benchmark
 
-    flags = benchmark.VIDEO_STUDIES[benchmark.VIDEO_PRESET_STUDY]
+    flags = benchmark.TINY_BEFORE + benchmark.VIDEO_STUDIES[benchmark.VIDEO_PRESET_STUDY]  # a later flag wins
     preset = {**op_grpo.SHARED, **op_grpo.PRESETS["tiny-video"]}
     given = {flag.removeprefix("--").replace("-", "_"): float(value) for flag, value in zip(flags[::2], flags[1::2])}
-    assert "guidance_scale" in given and given.get("sde_window", 0) == preset["sde_window"]
-    assert all(value == preset[key] for key, value in given.items())  # every flag of the study is the preset's
+    assert {"guidance_scale", "prompts_per_iteration", "sde_window"} <= set(given)
+    assert all(value == preset[key] for key, value in given.items())  # every flag a study run gets is the preset's
     changes = {"op_grpo": [0.05, 0.06, 0.07], "flow_grpo": [-0.02, 0.03, 0.08]}  # OP: 0.06 +- 0.0058; Flow: 0.03 +- 0.029
     runs = {f"s/{arm}_seed{seed}": {"name": f"s/{arm}", "seed": seed, "final_change": c, "final_change_se": 0.03,
                                     "eval_reward": [0.4, 0.4 + c], "train_seconds_per_iteration": 10.0,
