@@ -2151,11 +2151,10 @@ def test_regime_study_pilots_lora_then_runs_the_chain_with_the_pilots_choice(tmp
 def test_video_preset_study_reads_the_preset_guidance_study_and_calls_a_rise_at_two_se_over_seeds(monkeypatch):
     import benchmark
 
-    flags = benchmark.TINY_BEFORE + benchmark.VIDEO_STUDIES[benchmark.VIDEO_PRESET_STUDY]  # a later flag wins
-    preset = {**op_grpo.SHARED, **op_grpo.PRESETS["tiny-video"]}
-    given = {flag.removeprefix("--").replace("-", "_"): float(value) for flag, value in zip(flags[::2], flags[1::2])}
-    assert {"guidance_scale", "prompts_per_iteration", "sde_window"} <= set(given)
-    assert all(value == preset[key] for key, value in given.items())  # every flag a study run gets is the preset's
+    flags = benchmark.VIDEO_SIDE_BY_SIDE[f"{benchmark.VIDEO_PRESET_STUDY}/op_grpo"][0]  # as run_one passes them
+    study = op_grpo.with_presets(op_grpo.parse_cli([*benchmark.TINY_BEFORE, *flags, "--output-dir", "x"]))
+    preset = op_grpo.with_presets(Args(model="tiny-video", output_dir="x"))
+    assert study == preset  # every setting a study run trains with is the default command's
     changes = {"op_grpo": [0.05, 0.06, 0.07], "flow_grpo": [-0.02, 0.03, 0.08]}  # OP: 0.06 +- 0.0058; Flow: 0.03 +- 0.029
     runs = {f"s/{arm}_seed{seed}": {"name": f"s/{arm}", "seed": seed, "final_change": c, "final_change_se": 0.03,
                                     "eval_reward": [0.4, 0.4 + c], "train_seconds_per_iteration": 10.0,
